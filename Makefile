@@ -1,0 +1,42 @@
+# luspo-megatron. From a fresh clone: `make demo` (the embedded default main job), `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+# Sources that change what gets installed or compiled into the venv.
+INSTALL_INPUTS := setup.py pyproject.toml $(wildcard requirements/*.txt) $(wildcard csrc/*)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+PYTEST := $(PY) -m pytest
+
+.PHONY: venv demo test test-all bench lint clean
+
+venv: $(STAMP)
+
+# torch first, alone: on these machines torch==2.13.0 is the local CPU wheel; installed later as a
+# dependency of something else it could resolve to a multi-GB CUDA build.
+$(STAMP): $(INSTALL_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements/torch.txt
+	$(PIP) install -c requirements/constraints.txt -r requirements/build.txt -r requirements/runtime.txt -r requirements/test.txt
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: venv
+	$(PY) examples/tabular_length_bias.py
+
+test: venv
+	$(PYTEST) -m "not slow" tests
+
+test-all: venv
+	$(PYTEST) tests
+
+bench: venv
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script --quick || exit 1; done
+
+lint: venv
+	$(PY) -m ruff check $(wildcard luspo_megatron tests tools benchmarks examples)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,140 @@
+"""Step metrics of DESIGN.md §2, and how to combine them across micro-batches and ranks.
+
+Every metric is a plain float. Means carry the count they average over (``num_tokens`` for token
+means, ``num_seqs`` for sequence means) so that ``reduce_metrics`` can combine micro-batches
+exactly; ``loss`` and ``pg_loss`` are already fractions of the global step loss and add up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from luspo_megatron.algorithms.losses import LossConfig
+
+# How each key combines over micro-batches / ranks: summed, or averaged weighted by a count key.
+SUMMED = ("loss", "pg_loss", "num_tokens", "num_seqs", "num_empty_seqs", "num_clipped")
+TOKEN_MEANS = ("mean_abs_log_ratio", "kl", "entropy", "tis_weight_mean", "tis_clip_frac", "token_clip_frac")
+SEQ_MEANS = ("clip_frac", "seq_ratio_mean", "length_weight_share")
+
+
+def length_weight_share(seq_grad_weight: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+    """Fraction of the total gradient weight Σ_t |∂L/∂logp_t| that falls on sequences longer than
+    the median length: the length-bias diagnostic. A length-unbiased loss puts per-token weight
+    independent of length, so long sequences carry most of it; GSPO's 1/|y_i| per token pulls the
+    share down. 0 when there is no gradient weight. Returns a 0-dim tensor (no host sync)."""
+    if seq_len.numel() == 0:
+        return seq_grad_weight.new_zeros(())
+    total = seq_grad_weight.sum()
+    longer = (seq_len > seq_len.median()).to(seq_grad_weight.dtype)
+    return torch.where(total > 0, (seq_grad_weight * longer).sum() / total.clamp(min=1e-300), total.new_zeros(()))
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss_metrics(
+    *,
+    config: "LossConfig",
+    loss: torch.Tensor,
+    pg_loss: torch.Tensor,
+    mask: torch.Tensor,
+    seg: torch.Tensor,
+    seq_len: torch.Tensor,
+    log_seq_ratio: torch.Tensor,
+    delta: torch.Tensor,
+    clipped_t: torch.Tensor,
+    seq_clipped: torch.Tensor | None,
+    grad_weight_t: torch.Tensor,
+    tis_w_t: torch.Tensor | None,
+    kl_t: torch.Tensor | None,
+    entropy_t: torch.Tensor | None,
+    cp_group: "torch.distributed.ProcessGroup | None" = None,
+) -> dict[str, float]:
+    """Metrics of one ``policy_loss`` call (local tokens; sequence lengths are CP-global).
+
+    Everything is computed as 0-dim tensors and moved to the host in one transfer."""
+    num_seqs = seq_len.numel()
+    nonempty = (seq_len > 0).to(mask.dtype)
+    n_nonempty = nonempty.sum()
+    out: dict[str, torch.Tensor] = {
+        "loss": loss.detach(),
+        "pg_loss": pg_loss.detach(),
+        "num_tokens": mask.sum(),
+        "num_seqs": mask.new_tensor(float(num_seqs)),
+        "num_empty_seqs": num_seqs - n_nonempty,
+        "mean_abs_log_ratio": _masked_mean(delta.abs(), mask),
+        "token_clip_frac": _masked_mean(clipped_t.to(mask.dtype), mask),
+    }
+    if seq_clipped is not None:
+        # Sequence-level losses clip whole sequences: the fraction of non-empty sequences.
+        out["num_clipped"] = (seq_clipped.to(mask.dtype) * nonempty).sum()
+        out["clip_frac"] = out["num_clipped"] / n_nonempty.clamp(min=1)
+        out["seq_ratio_mean"] = (torch.exp(log_seq_ratio) * nonempty).sum() / n_nonempty.clamp(min=1)
+    else:
+        out["num_clipped"] = (clipped_t.to(mask.dtype) * mask).sum()
+        out["clip_frac"] = out["token_clip_frac"]
+    if tis_w_t is not None:
+        out["tis_weight_mean"] = _masked_mean(tis_w_t, mask)
+        out["tis_clip_frac"] = _masked_mean((tis_w_t >= config.tis_clip).to(mask.dtype), mask)
+    if kl_t is not None:
+        out["kl"] = _masked_mean(kl_t, mask)
+    if entropy_t is not None:
+        out["entropy"] = _masked_mean(entropy_t, mask)
+    seq_grad = grad_weight_t.new_zeros(num_seqs + 1).index_add(0, seg, grad_weight_t)[:num_seqs]
+    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+        torch.distributed.all_reduce(seq_grad, group=cp_group)
+    out["length_weight_share"] = length_weight_share(seq_grad, seq_len)
+    keys = list(out)
+    values = torch.stack([out[k].to(torch.float64) for k in keys]).tolist()
+    return dict(zip(keys, values))
+
+
+def rollout_metrics(
+    rewards: torch.Tensor,
+    response_lengths: torch.Tensor,
+    truncated: torch.Tensor,
+    advantages: torch.Tensor,
+    correct: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Reward, accuracy, response-length and advantage statistics of one rollout batch ([B] each).
+
+    ``correct`` defaults to reward > 0 (a verifiable reward of 1 for a right answer)."""
+    lengths = response_lengths.double()
+    if correct is None:
+        correct = rewards > 0
+    return {
+        "reward_mean": float(rewards.double().mean()),
+        "accuracy": float(correct.double().mean()),
+        "response_len_mean": float(lengths.mean()),
+        "response_len_p50": float(lengths.median()),
+        "response_len_max": float(lengths.max()),
+        "truncation_rate": float(truncated.double().mean()),
+        "advantage_std": float(advantages.double().std()) if advantages.numel() > 1 else 0.0,
+    }
+
+
+def reduce_metrics(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Combine per-micro-batch (or per-rank) ``policy_loss`` metrics into step metrics.
+
+    Sums add; token means are weighted by ``num_tokens``; sequence means by ``num_seqs``.
+    Any other key is averaged with equal weight."""
+    parts = list(parts)
+    if not parts:
+        return {}
+    keys = {k for p in parts for k in p}
+    out: dict[str, float] = {}
+    for key in sorted(keys):
+        present = [p for p in parts if key in p]
+        if key in SUMMED:
+            out[key] = sum(p[key] for p in present)
+            continue
+        weight_key = "num_tokens" if key in TOKEN_MEANS else "num_seqs" if key in SEQ_MEANS else None
+        weights = [p.get(weight_key, 1.0) if weight_key else 1.0 for p in present]
+        total = sum(weights)
+        out[key] = sum(w * p[key] for w, p in zip(weights, present)) / total if total > 0 else 0.0
+    return out

@@ -1,0 +1,75 @@
+"""Per-sequence reduction of the log-ratio on packed (THD) tensors: the pure-PyTorch reference.
+
+For sequence i of a packed micro-batch (tokens ``cu_seqlens[i] : cu_seqlens[i+1]``) this computes
+
+    S_i = Σ_t m_t · (logp_t − old_logp_t)          (differentiable w.r.t. logp)
+    n_i = Σ_t m_t                                   (= |y_i|, the response length)
+    R_i = Σ_t m_t · (old_logp_t − rollout_logp_t)   (only when rollout log-probs are given; TIS)
+
+which is everything GSPO/LUSPO need from the tokens: s_i = exp(S_i / n_i) (DESIGN.md §2).
+
+Context parallel: with CP > 1 each rank holds only its chunks of every sequence, so the sums above
+are partial. One ``all_reduce(SUM)`` of the stacked [B, k] partial sums over the CP group makes them
+global; its backward is again an all-reduce of the gradient, because every CP rank's loss depends on
+every other rank's tokens through S_i. That moves B·k numbers, never the token-level log-probs.
+
+Pipeline parallel needs nothing here: the op runs on the last stage only, on whole sequences
+(a sequence is never split across micro-batches), so no partial sums live on other stages.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class SeqSums(NamedTuple):
+    """Per-sequence sums; every field is [B] and global over the CP group when one was given."""
+
+    sum_delta: torch.Tensor
+    num_tokens: torch.Tensor
+    sum_rollout_log_ratio: torch.Tensor | None
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """Sequence index of every packed token, [T] int64.
+
+    Tokens past ``cu_seqlens[-1]`` (padding at the end of a packed micro-batch) get index B, one
+    past the last sequence, so callers can reduce into B+1 slots and drop the last.
+    """
+    cu = cu_seqlens.to(torch.long)
+    positions = torch.arange(total_tokens, device=cu.device)
+    return torch.searchsorted(cu[1:].contiguous(), positions, right=True)
+
+
+def _segment_sum(values: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+    # index_add into B+1 slots (the extra one swallows trailing padding); differentiable in values.
+    out = values.new_zeros(num_segments + 1).index_add(0, seg, values)
+    return out[:num_segments]
+
+
+def seq_logratio_reference(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    loss_mask: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    rollout_logp: torch.Tensor | None = None,
+    cp_group: "torch.distributed.ProcessGroup | None" = None,
+) -> SeqSums:
+    """Eager reference of the per-sequence sums (see the module docstring). Inputs are [T]."""
+    num_seqs = cu_seqlens.numel() - 1
+    mask = loss_mask.to(logp.dtype)
+    seg = segment_ids(cu_seqlens, logp.numel())
+    columns = [
+        _segment_sum(mask * (logp - old_logp), seg, num_seqs),
+        _segment_sum(mask, seg, num_seqs),
+    ]
+    if rollout_logp is not None:
+        columns.append(_segment_sum(mask * (old_logp - rollout_logp).to(logp.dtype), seg, num_seqs))
+    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        stacked = all_reduce(torch.stack(columns, dim=1), group=cp_group)  # [B, k], autograd-aware
+        columns = list(stacked.unbind(dim=1))
+    return SeqSums(columns[0], columns[1].detach(), columns[2].detach() if len(columns) > 2 else None)

@@ -1,0 +1,62 @@
+"""Random packed (THD) batches for the loss tests: prompt tokens (mask 0), response tokens (mask 1),
+sometimes masked-out tokens inside a response, empty responses and trailing padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    logp: torch.Tensor
+    old_logp: torch.Tensor
+    rollout_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    entropy: torch.Tensor
+    loss_mask: torch.Tensor
+    cu_seqlens: torch.Tensor
+    adv_seq: torch.Tensor
+    adv_tok: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def fresh_logp(self) -> torch.Tensor:
+        return self.logp.detach().clone().requires_grad_(True)
+
+
+def random_packed_batch(
+    gen: torch.Generator,
+    num_seqs: int,
+    max_response: int = 50,
+    ratio_noise: float = 1e-2,
+    trailing_pad: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> PackedBatch:
+    lengths, masks = [], []
+    for _ in range(num_seqs):
+        prompt = int(torch.randint(0, 6, (1,), generator=gen))
+        response = int(torch.randint(0, max_response + 1, (1,), generator=gen))
+        m = [0.0] * prompt + [1.0] * response
+        if response > 2 and float(torch.rand(1, generator=gen)) < 0.3:
+            m[prompt + response // 2] = 0.0  # a masked-out token inside the response
+        lengths.append(len(m))
+        masks.append(m)
+    mask = torch.tensor([x for m in masks for x in m] + [0.0] * trailing_pad, dtype=dtype)
+    total = mask.numel()
+    cu = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    logp = -torch.rand(total, generator=gen, dtype=dtype) * 3
+    # Per-sequence noise scales, so that some sequence ratios leave the (narrow) clip ranges and some don't.
+    scales = torch.rand(num_seqs, generator=gen, dtype=dtype) * ratio_noise
+    seg_scale = torch.cat([scales.repeat_interleave(torch.tensor(lengths)), torch.zeros(trailing_pad, dtype=dtype)])
+    old = logp + torch.randn(total, generator=gen, dtype=dtype) * seg_scale + seg_scale * 0.5
+    rollout = old + torch.randn(total, generator=gen, dtype=dtype) * 0.3
+    ref = logp + torch.randn(total, generator=gen, dtype=dtype) * 0.2
+    entropy = torch.rand(total, generator=gen, dtype=dtype) * 2
+    adv_seq = torch.randn(num_seqs, generator=gen, dtype=dtype)
+    adv_tok = torch.randn(total, generator=gen, dtype=dtype)
+    return PackedBatch(logp, old, rollout, ref, entropy, mask, cu, adv_seq, adv_tok)
