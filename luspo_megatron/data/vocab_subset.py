@@ -84,7 +84,9 @@ def restrict_tokenizer(texts: Iterable[str], out_dir: str | Path, source_dir: st
     restricted = copy.deepcopy(spec)
     new_vocab = {t: i for i, t in enumerate(sorted(keep, key=vocab.__getitem__))}
     restricted["model"]["vocab"] = new_vocab
-    restricted["model"]["merges"] = [m for m in model["merges"] if m[0] in keep and m[1] in keep and m[0] + m[1] in keep]
+    restricted["model"]["merges"] = [
+        m for m in model["merges"] if m[0] in keep and m[1] in keep and m[0] + m[1] in keep
+    ]
     for j, added in enumerate(restricted["added_tokens"]):
         added["id"] = len(new_vocab) + j
     config = json.loads((source_dir / "tokenizer_config.json").read_text())
