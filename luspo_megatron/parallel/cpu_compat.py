@@ -1,10 +1,11 @@
-"""Run megatron-core on a CPU-only torch with gloo: ten targeted, documented redirections.
+"""Run megatron-core on a CPU-only torch with gloo: eleven targeted, documented redirections.
 
-megatron-core assumes CUDA in a few hundred places. Measured on megatron-core 0.16.1 / torch 2.13 CPU
-(``shared/reference/megatron_cpu.md`` §4), exactly these ten fixes are needed; each was shown
-necessary by disabling it alone. Every fix names the megatron call sites it serves (file:line in
-0.16.1) and pins the source fragment it relies on, so ``tests/parallel/test_cpu_compat.py`` fails
-loudly when an upgrade moves a call site instead of letting a patch silently stop applying.
+megatron-core assumes CUDA in a few hundred places. Measured on megatron-core 0.16.1 / torch 2.13
+CPU (``shared/reference/megatron_cpu.md`` §4), ten fixes are needed for fixed-length batches, each
+shown necessary by disabling it alone; packed variable-length micro-batches add P11. Every fix
+names the megatron call sites it serves (file:line in 0.16.1) and pins the source fragment it
+relies on, so ``tests/parallel/test_cpu_compat.py`` fails loudly when an upgrade moves a call site
+instead of letting a patch silently stop applying.
 
     P1  torch.cuda.current_device() -> CPU device          CPU adaptation (~175 call sites)
     P2  model-parallel RNG tracker on the CPU generator     CPU adaptation
@@ -16,8 +17,11 @@ loudly when an upgrade moves a call site instead of letting a patch silently sto
     P8  uneven all-gather / reduce-scatter on gloo          gloo limitation
     P9  one shared Adam ``step`` after distopt load         upstream bug, silent (torch Adam)
     P10 KeyError 'step' loading a fully_reshardable distopt upstream bug (torch Adam)
+    P11 pipeline shape exchange swaps directions at pp = 2  gloo; found here, not in the reference:
+        packed (THD) micro-batches vary in length, so the schedules exchange shapes
+        (``variable_seq_lengths``), and that exchange always uses batch_isend_irecv
 
-When they apply: P1-P4, P7, P8 only when CUDA is absent. P5, P6, P9 and P10 are not about CUDA:
+When they apply: P1-P4, P7, P8, P11 only when CUDA is absent. P5, P6, P9 and P10 are not about CUDA:
 they apply wherever their trigger holds (Transformer Engine / Apex absent, or the local spec's
 torch norm in use), because a GPU box without TE hits the same bugs. Everything is idempotent.
 
@@ -372,6 +376,38 @@ def _p8_uneven_collectives() -> bool:
     return True
 
 
+def _p11_shape_exchange() -> bool:
+    p2p = _module("megatron.core.pipeline_parallel.p2p_communication")
+    cls = p2p.P2PCommunicator
+    original = cls._communicate_shapes
+
+    def communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+        if self.config.use_ring_exchange_p2p:
+            return original(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next)
+        _trace("P11")
+        # Same messages as upstream, sent with megatron's own _p2p_ops, whose per-parity ordering
+        # (and second group when pp = 2) keeps the two directions apart. Upstream batches them
+        # with batch_isend_irecv: with pp = 2 the previous and next stage are one peer, so the
+        # forward and backward shapes (same size, same tag) swap silently on gloo.
+        def shape(tensor):
+            return None if tensor is None else torch.tensor(tensor.size(), dtype=torch.int64)
+
+        recv_prev_shape = torch.empty(3, dtype=torch.int64) if recv_prev else None
+        recv_next_shape = torch.empty(3, dtype=torch.int64) if recv_next else None
+        reqs = p2p._p2p_ops(  # mcore-0.16.1 private helper: the pipeline's own non-batched p2p
+            tensor_send_prev=shape(tensor_send_prev), tensor_recv_prev=recv_prev_shape,
+            tensor_send_next=shape(tensor_send_next), tensor_recv_next=recv_next_shape,
+            group=self.pp_group, prev_pipeline_rank=self.prev_rank, next_pipeline_rank=self.next_rank,
+        )
+        for req in reqs.values():
+            req.wait()
+        return (recv_prev_shape.tolist() if recv_prev else [0, 0, 0],
+                recv_next_shape.tolist() if recv_next else [0, 0, 0])
+
+    cls._communicate_shapes = communicate_shapes
+    return True
+
+
 def _without_apex_or_te() -> bool:
     return not _module("megatron.core.optimizer.distrib_optimizer").HAVE_APEX_OR_TE  # mcore-0.16.1
 
@@ -459,6 +495,14 @@ FIXES: dict[str, Fix] = {
                         "torch.cuda.Stream()"),
              PinnedSite(_MC + "utils", "nvtx_range_push", "torch.cuda.nvtx.range_push(")),
             _p4_streams,
+        ),
+        Fix(
+            "P11", "pipeline shape exchange (variable_seq_lengths) without batch_isend_irecv", "cpu",
+            ("pipeline_parallel/p2p_communication.py:213-238",),
+            (PinnedSite(_MC + "pipeline_parallel.p2p_communication", "P2PCommunicator._communicate_shapes",
+                        "torch.distributed.batch_isend_irecv(ops)"),
+             PinnedSite(_MC + "pipeline_parallel.p2p_communication", "_p2p_ops", "even_recv_odd_send_group")),
+            _p11_shape_exchange,
         ),
         Fix(
             "P5", "define moe_utils.te_general_gemm = None without Transformer Engine", "bug",
