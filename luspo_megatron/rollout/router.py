@@ -71,3 +71,25 @@ class RouterClient:
         async with self.session.post(f"{self.url}/remove_worker?{query}", timeout=self.timeout) as resp:
             if resp.status != 200:
                 raise RolloutError(f"router {self.url}: removing worker {worker_url} answered HTTP {resp.status}")
+
+
+def _sync(method: str, router_url: str, *args) -> object:
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            return await getattr(RouterClient(router_url, session), method)(*args)
+    return asyncio.run(run())
+
+
+def register_worker(router_url: str, worker_url: str) -> None:
+    """Blocking :meth:`RouterClient.add_worker` (e.g. after starting a local server)."""
+    _sync("add_worker", router_url, worker_url)
+
+
+def unregister_worker(router_url: str, worker_url: str) -> None:
+    """Blocking :meth:`RouterClient.remove_worker`."""
+    _sync("remove_worker", router_url, worker_url)
+
+
+def list_workers(router_url: str) -> list[dict]:
+    """Blocking :meth:`RouterClient.list_workers`."""
+    return _sync("list_workers", router_url)  # type: ignore[return-value]
