@@ -167,7 +167,9 @@ at::Tensor seq_logratio_phase1(const at::Tensor& logp, const at::Tensor& old_log
     const c10::cuda::CUDAGuard guard(logp.device());
     const int device = logp.get_device();
     at::Tensor ws = at::empty({luspo::phase1_cuda_workspace_bytes(in.prob, device)}, logp.options().dtype(at::kByte));
-    luspo::phase1_cuda(in.prob, sums.data_ptr(), ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream(), device);
+    const char* err =
+        luspo::phase1_cuda(in.prob, sums.data_ptr(), ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream(), device);
+    TORCH_CHECK(err == nullptr, "luspo::seq_logratio_phase1: CUDA error: ", err);
     return sums;
   }
 #endif
@@ -229,8 +231,9 @@ std::tuple<at::Tensor, at::Tensor> seq_policy_loss_phase2(
     const c10::cuda::CUDAGuard guard(logp.device());
     const int device = logp.get_device();
     at::Tensor ws = at::empty({luspo::phase2_cuda_workspace_bytes(in.prob, device)}, logp.options().dtype(at::kByte));
-    luspo::phase2_cuda(in.prob, sums_c.data_ptr(), table.data_ptr(), grad_ptr, scale_ptr, ws.data_ptr(),
-                       c10::cuda::getCurrentCUDAStream().stream(), device);
+    const char* err = luspo::phase2_cuda(in.prob, sums_c.data_ptr(), table.data_ptr(), grad_ptr, scale_ptr,
+                                         ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream(), device);
+    TORCH_CHECK(err == nullptr, "luspo::seq_policy_loss_phase2: CUDA error: ", err);
     return {table, grad};
   }
 #endif

@@ -294,12 +294,12 @@ void phase1_cpu(const Problem& prob, void* sums);
 // accumulation-type value multiplying the gradient (the backward's grad_output when recomputing).
 void phase2_cpu(const Problem& prob, const void* sums, void* table, void* grad, const void* grad_scale);
 
-// CUDA (seq_logratio_cuda.cu). Pointers are device pointers, except `prob.params`; cu_seqlens is a device
-// pointer too. `stream` is a cudaStream_t; `workspace` is a device buffer of phase*_cuda_workspace_bytes.
+// CUDA (seq_logratio_cuda.cu). Buffers are device pointers (cu_seqlens too); `stream` is a cudaStream_t;
+// `workspace` is a device buffer of phase*_cuda_workspace_bytes. Return nullptr, or the CUDA error string.
 int64_t phase1_cuda_workspace_bytes(const Problem& prob, int device);
 int64_t phase2_cuda_workspace_bytes(const Problem& prob, int device);
-void phase1_cuda(const Problem& prob, void* sums, void* workspace, void* stream, int device);
-void phase2_cuda(const Problem& prob, const void* sums, void* table, void* grad, const void* grad_scale,
-                 void* workspace, void* stream, int device);
+const char* phase1_cuda(const Problem& prob, void* sums, void* workspace, void* stream, int device);
+const char* phase2_cuda(const Problem& prob, const void* sums, void* table, void* grad, const void* grad_scale,
+                        void* workspace, void* stream, int device);
 
 }  // namespace luspo

@@ -30,6 +30,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.cache  # once per process, even if the extension is loaded again after a cache_clear
 def _register_fakes() -> None:
     @torch.library.register_fake("luspo::seq_logratio_phase1")
     def _phase1(logp, old_logp, rollout_logp, loss_mask, cu_seqlens, loss, tis_level, tis_clip):
@@ -73,6 +74,12 @@ def _warn_no_cuda_kernels() -> None:
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def require() -> None:
+    """Load the extension for a direct call of the fused ops; a clear error when it is not built."""
+    if not _load():
+        raise RuntimeError("luspo_megatron._C is not built: run `make venv` (or use luspo_megatron.ops.backend())")
 
 
 def forced_reference() -> bool:

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 
+from luspo_megatron.ops._extension import require
 from luspo_megatron.ops.segments import segment_ids
 
 # Columns of the per-sequence table (csrc/seq_logratio.h, enum TableCol).
@@ -151,6 +152,9 @@ def seq_policy_loss(
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode: expected one of {GRAD_MODES}, got {grad_mode!r}")
+    tracing = torch.compiler.is_compiling()  # under torch.compile: no host-side loading or data checks
+    if not tracing:
+        require()
     rollout_logp = rollout_logp if spec.tis_level != "none" else None
     ref_logp = ref_logp if spec.kl_type != "none" else None
     logp, (old_logp, rollout_logp, ref_logp) = _harmonise(logp, [old_logp, rollout_logp, ref_logp])
@@ -158,7 +162,7 @@ def seq_policy_loss(
         loss_mask = loss_mask.to(logp.dtype)
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
     advantages = advantages.to(acc)
-    if cu_seqlens.device.type == "cpu" and logp.device.type == "cpu":
+    if not tracing and cu_seqlens.device.type == "cpu" and logp.device.type == "cpu":
         _check_cu_seqlens(cu_seqlens, logp.numel())
     return FusedPolicyLoss(*_FusedPolicyLossFn.apply(
         logp, old_logp, rollout_logp, ref_logp, loss_mask, cu_seqlens, advantages, spec, cp_group, grad_mode
@@ -216,6 +220,7 @@ def seq_sums(
     cp_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """[B, k] per-sequence sums from the extension (k = 3 with rollout_logp); see ops.seq_logratio."""
+    require()
     logp, (old_logp, rollout_logp) = _harmonise(logp, [old_logp, rollout_logp])
     if loss_mask.dtype not in (torch.bool, torch.uint8, logp.dtype):
         loss_mask = loss_mask.to(logp.dtype)
