@@ -266,11 +266,12 @@ def train_step(
     optimizer.zero_grad()
     moe_utils.clear_aux_losses_tracker()
     parts = _run_schedule(model, local, ctx, forward_only=False)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
     grad_norm, skipped = _optimizer_step(optimizer)
     if scheduler is not None and not skipped:
         scheduler.step(increment=1)
     metrics = _gather_metrics(parts, loss_config)
-    metrics.update(grad_norm=grad_norm, skipped=float(skipped), lr=optimizer.param_groups[0]["lr"])
+    metrics.update(grad_norm=grad_norm, skipped=float(skipped), lr=lr)
     aux = _moe_aux_loss(model, len(local))
     if aux is not None:
         metrics["moe_aux_loss"] = aux
