@@ -325,8 +325,9 @@ def _moe_aux_loss(model, num_microbatches: int) -> float | None:
     name = "load_balancing_loss"
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     if name not in tracker:  # a stage without MoE layers still joins the reductions below
-        tracker[name] = {"values": torch.zeros(config.num_layers), "avg_group": None, "reduce_group_has_dp": False,
-                         "reduce_group": ps.get_tensor_and_context_parallel_group()}
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        tracker[name] = {"values": torch.zeros(config.num_layers, device=device), "avg_group": None,
+                         "reduce_group_has_dp": False, "reduce_group": ps.get_tensor_and_context_parallel_group()}
     moe_utils.reduce_aux_losses_tracker_across_ranks([name])
     num_moe = sum(config.moe_layer_freq) if isinstance(config.moe_layer_freq, list) else config.num_layers
     value = float(tracker[name]["values"].sum()) / max(num_moe, 1) / num_microbatches
