@@ -40,6 +40,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from luspo_megatron.config import ParallelConfig
 from luspo_megatron.errors import ConfigError
 from luspo_megatron.models.arch import QwenArch
+from luspo_megatron.parallel.state import megatron_parallel_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,7 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=dtype == "bf16",
         use_cpu_initialization=not cuda,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        **megatron_parallel_sizes(parallel),
         sequence_parallel=seq_parallel,
         # Packed micro-batches differ in length: pipeline p2p must send shapes first.
         variable_seq_lengths=True,

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_BYTES = 256 * 1024**2  # float32 [chunk, V/tp] working buffer
+DEFAULT_CHUNK_BYTES = 64 * 1024**2  # one float32 [chunk, V/tp] working buffer (~110 tokens at V=151936)
 
 
 class Logprobs(NamedTuple):
@@ -76,12 +76,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             u = logits[start:end].to(cdtype, copy=True).div_(temperature).sub_(row_max[start:end, None])
             label_u = u.gather(1, local_label[start:end, None]).squeeze(1)
             partial[start:end, 1] = torch.where(owned[start:end], label_u + row_max[start:end], 0.0)
+            e = u.exp()  # the second and last [chunk, V/tp] buffer
+            partial[start:end, 0] = e.sum(dim=-1)
             if with_entropy:
-                e = u.exp()
-                partial[start:end, 0] = e.sum(dim=-1)
-                partial[start:end, 2] = (e * u).sum(dim=-1)
-            else:
-                partial[start:end, 0] = u.exp_().sum(dim=-1)
+                partial[start:end, 2] = e.mul_(u).sum(dim=-1)
         if _group_size(group) > 1:
             dist.all_reduce(partial, group=group)
         sum_exp, label_logit, sum_eu = partial.unbind(dim=1)
@@ -107,10 +105,14 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             end = min(start + chunk_size, logits.shape[0])
             logp_all = logits[start:end].to(lse.dtype, copy=True).div_(temperature).sub_(lse[start:end, None])
             p = logp_all.exp()
-            # d/dz = g_logp · (onehot − p) − g_H · p · (log p + H)
-            grad = p * (-grad_logp[start:end, None])
+            # d/dz = g_logp · (onehot − p) − g_H · p · (log p + H) = onehot·g_logp − p · coef,
+            # coef = g_logp + g_H · (log p + H); built in place: two [chunk, V/tp] buffers in all.
+            g = grad_logp[start:end, None]
             if use_entropy:
-                grad.sub_(p.mul_(logp_all.add_(entropy[start:end, None])).mul_(grad_entropy[start:end, None]))
+                coef = logp_all.add_(entropy[start:end, None]).mul_(grad_entropy[start:end, None]).add_(g)
+            else:
+                coef = g
+            grad = p.mul_(coef).neg_()
             hit = owned[start:end]
             rows = torch.arange(end - start, device=grad.device)[hit]
             grad[rows, local_label[start:end][hit]] += grad_logp[start:end][hit]

@@ -24,6 +24,19 @@ from luspo_megatron.models.arch import QwenArch
 _P = ParallelConfig
 
 
+def megatron_parallel_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
+    """The layout sizes under the names both ``initialize_model_parallel`` and
+    ``TransformerConfig`` use."""
+    return {
+        "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "virtual_pipeline_model_parallel_size": parallel.virtual_pipeline_model_parallel_size,
+        "context_parallel_size": parallel.context_parallel_size,
+        "expert_model_parallel_size": parallel.expert_model_parallel_size,
+        "expert_tensor_parallel_size": parallel.expert_tensor_parallel_size,
+    }
+
+
 def _flag(name: str) -> str:
     return flag_of(_P, name)
 
@@ -142,13 +155,7 @@ def init_parallel(parallel: ParallelConfig, arch: QwenArch, seed: int = 1234, ti
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-        distributed_timeout_minutes=timeout_minutes,
+        **megatron_parallel_sizes(parallel), distributed_timeout_minutes=timeout_minutes
     )
     set_seeds(seed)
     return current_layout()

@@ -266,11 +266,12 @@ def train_step(
     optimizer.zero_grad()
     moe_utils.clear_aux_losses_tracker()
     parts = _run_schedule(model, local, ctx, forward_only=False)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
     grad_norm, skipped = _optimizer_step(optimizer)
     if scheduler is not None and not skipped:
         scheduler.step(increment=1)
     metrics = _gather_metrics(parts, loss_config)
-    metrics.update(grad_norm=grad_norm, skipped=float(skipped), lr=optimizer.param_groups[0]["lr"])
+    metrics.update(grad_norm=grad_norm, skipped=float(skipped), lr=lr)
     aux = _moe_aux_loss(model, len(local))
     if aux is not None:
         metrics["moe_aux_loss"] = aux
@@ -324,8 +325,9 @@ def _moe_aux_loss(model, num_microbatches: int) -> float | None:
     name = "load_balancing_loss"
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     if name not in tracker:  # a stage without MoE layers still joins the reductions below
-        tracker[name] = {"values": torch.zeros(config.num_layers), "avg_group": None, "reduce_group_has_dp": False,
-                         "reduce_group": ps.get_tensor_and_context_parallel_group()}
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        tracker[name] = {"values": torch.zeros(config.num_layers, device=device), "avg_group": None,
+                         "reduce_group_has_dp": False, "reduce_group": ps.get_tensor_and_context_parallel_group()}
     moe_utils.reduce_aux_losses_tracker_across_ranks([name])
     num_moe = sum(config.moe_layer_freq) if isinstance(config.moe_layer_freq, list) else config.num_layers
     value = float(tracker[name]["values"].sum()) / max(num_moe, 1) / num_microbatches

@@ -86,7 +86,7 @@ def run_layout(name: str, reference: dict | None):
     from luspo_megatron.models import arch_from_hf, tiny_qwen3_moe
     from luspo_megatron.models.build import build_model
     from luspo_megatron.models.megatron_config import transformer_config
-    from luspo_megatron.models.weights import load_hf_weights, local_params
+    from luspo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, local_params
     from luspo_megatron.parallel import train
     from luspo_megatron.parallel.state import init_parallel
     from tests.hf_models import build_hf_model
@@ -99,7 +99,11 @@ def run_layout(name: str, reference: dict | None):
     state = init_parallel(parallel, arch, seed=5)
     config = transformer_config(arch, parallel, routing_replay=True)
     chunks = build_model(arch, config, use_transformer_engine=False)
-    load_hf_weights(chunks, arch, hf_live_to_disk(build_hf_model(hf_config, seed=3).state_dict()))
+    hf_weights = hf_live_to_disk(build_hf_model(hf_config, seed=3).state_dict())
+    load_hf_weights(chunks, arch, hf_weights)
+    exported = gather_hf_state_dict(chunks, arch)  # sharded, then gathered back: must be the same
+    export_exact = exported is None or (exported.keys() == hf_weights.keys()
+                                        and all(torch.equal(exported[k], v) for k, v in hf_weights.items()))
     model = train.wrap_model(chunks, config, use_distributed_optimizer=use_distopt)
     optimizer, scheduler = train.build_optimizer(
         model, OptimizerConfig(**OPTIMIZER), total_steps=4,
@@ -148,7 +152,7 @@ def run_layout(name: str, reference: dict | None):
         "logp_abs": float(errors[2]), "replayed_logp_abs": float(errors[3]),
         "clip_frac": metrics["clip_frac"], "ref_clip_frac": ref_metrics["clip_frac"],
         "num_seqs": metrics["num_seqs"], "num_tokens": metrics["num_tokens"],
-        "ref_num_tokens": ref_metrics["num_tokens"],
+        "ref_num_tokens": ref_metrics["num_tokens"], "export_exact": export_exact,
     }
 
 

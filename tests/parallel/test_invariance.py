@@ -47,6 +47,7 @@ def assert_matches_single_process(result):
     assert result["logp_abs"] <= 1e-5, result  # forward-only old_logp
     assert result["replayed_logp_abs"] <= 1e-5, result  # forward-only with routing replay
     assert result["clip_frac"] == result["ref_clip_frac"] and result["num_tokens"] == result["ref_num_tokens"]
+    assert result["export_exact"]  # loading slices then gathering the shards gives back the HF weights
 
 
 def test_reference_step_is_a_real_test(reference):

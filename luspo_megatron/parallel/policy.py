@@ -1,0 +1,128 @@
+"""The Megatron-Core policy as the trainer uses it: one object from the run config.
+
+    policy = MegatronPolicy.from_config(run_config, total_steps=n_optimizer_steps)
+    old = policy.compute_logprobs(micro_batches)            # forward only, token-aligned [T] each
+    for mb, logp in zip(micro_batches, old): mb.old_logp = logp
+    metrics = policy.train_step(micro_batches)               # one optimizer step
+    hf = policy.hf_state_dict()                              # rank 0: HF tensors for weight sync
+
+Weights: ``--hf-checkpoint`` is read through ``checkpoint.hf_map`` (each rank slices its part);
+without it the tiny preset's Hugging Face model is initialised in transformers with the run seed
+and loaded the same way, so the weights do not depend on the parallel layout (Megatron's own
+initialiser differs across PP/EP layouts) and the rollout engine can start from the identical
+model (``initial_hf_state_dict``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from luspo_megatron.checkpoint.hf_map import TensorSource, megatron_naming
+from luspo_megatron.config import RunConfig
+from luspo_megatron.errors import ConfigError
+from luspo_megatron.models.arch import PRESETS, QwenArch, arch_from_hf, load_hf_config, transformers_config
+from luspo_megatron.models.build import build_model, transformer_engine_available
+from luspo_megatron.models.megatron_config import transformer_config
+from luspo_megatron.models.weights import gather_hf_state_dict, hf_safetensors_source, load_hf_weights
+from luspo_megatron.parallel import train
+from luspo_megatron.parallel.microbatch import MicroBatch
+from luspo_megatron.parallel.state import Layout, init_parallel
+
+
+def resolve_transformer_engine(requested: bool) -> bool:
+    """TE layer specs when asked (``--transformer-impl-te``, an error without TE), and by default
+    whenever Transformer Engine imports on a CUDA machine; megatron.core's local specs otherwise."""
+    available = transformer_engine_available()
+    if requested and not available:
+        raise ConfigError("--transformer-impl-te: Transformer Engine is not installed (pip install '.[gpu]')",
+                          field="use_transformer_engine")
+    return requested or (available and torch.cuda.is_available())
+
+
+def hf_config_of(config: RunConfig) -> dict[str, Any]:
+    """The HF ``config.json`` dict of the run's model: the checkpoint's, or the preset's."""
+    if config.model.hf_checkpoint:
+        return load_hf_config(config.model.hf_checkpoint)
+    return PRESETS[config.model.preset]()
+
+
+def initial_hf_state_dict(hf_config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """A preset's starting weights: its transformers model initialised under ``seed``, in
+    on-disk names. Every rank computes the same tensors (no communication)."""
+    import transformers
+
+    from luspo_megatron.checkpoint.hf_map import hf_live_to_disk
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(transformers_config(hf_config), dtype=torch.float32)
+    finally:
+        torch.random.set_rng_state(state)
+    return hf_live_to_disk(model.state_dict(), bool(hf_config.get("tie_word_embeddings", False)))
+
+
+@dataclass
+class MegatronPolicy:
+    config: RunConfig
+    arch: QwenArch
+    layout: Layout
+    model: list
+    optimizer: Any
+    scheduler: Any
+    use_transformer_engine: bool
+
+    @classmethod
+    def from_config(cls, config: RunConfig, *, total_steps: int, hf_weights: TensorSource | None = None,
+                    use_transformer_engine: bool | None = None) -> MegatronPolicy:
+        """Validate and create the process groups, build this rank's model chunks, load weights
+        (``hf_weights``, else ``--hf-checkpoint``, else the preset initialised with the run seed),
+        wrap them for training and build the optimizer and LR schedule over ``total_steps``."""
+        hf_config = hf_config_of(config)
+        arch = arch_from_hf(hf_config)
+        layout = init_parallel(config.parallel, arch, seed=config.seed)
+        if use_transformer_engine is None:
+            use_transformer_engine = resolve_transformer_engine(config.model.use_transformer_engine)
+        tf_config = transformer_config(
+            arch, config.parallel, dtype=config.model.dtype, moe_aux_loss_coef=config.model.moe_aux_loss_coef,
+            use_transformer_engine=use_transformer_engine,
+            routing_replay=config.rollout.use_rollout_routing_replay,
+        )
+        chunks = build_model(arch, tf_config, use_transformer_engine)
+        if hf_weights is None:
+            hf_weights = (hf_safetensors_source(config.model.hf_checkpoint) if config.model.hf_checkpoint
+                          else initial_hf_state_dict(hf_config, config.seed))
+        load_hf_weights(chunks, arch, hf_weights, megatron_naming(use_transformer_engine))
+        distopt = config.parallel.use_distributed_optimizer
+        model = train.wrap_model(chunks, tf_config, use_distributed_optimizer=distopt)
+        optimizer, scheduler = train.build_optimizer(model, config.optimizer, total_steps=total_steps,
+                                                     use_distributed_optimizer=distopt)
+        return cls(config, arch, layout, model, optimizer, scheduler, use_transformer_engine)
+
+    def train_step(self, micro_batches: list[MicroBatch], *, num_sequences: int | None = None,
+                   num_tokens: int | None = None) -> dict[str, float]:
+        """One optimizer step on this DP rank's micro-batches (see ``parallel.train.train_step``);
+        the loss, temperature and routing replay come from the run config."""
+        return train.train_step(
+            self.model, self.optimizer, self.scheduler, micro_batches,
+            self.config.algorithm.loss_config(max_response_len=self.config.rollout.max_response_len),
+            num_sequences=num_sequences, num_tokens=num_tokens, temperature=self.config.rollout.temperature,
+            routing_replay=self.config.rollout.use_rollout_routing_replay,
+        )
+
+    def compute_logprobs(self, micro_batches: list[MicroBatch], *, with_entropy: bool = False):
+        """Forward-only token-aligned log-probs (old_logp / ref_logp) on every rank."""
+        return train.compute_logprobs(
+            self.model, micro_batches, temperature=self.config.rollout.temperature, with_entropy=with_entropy,
+            routing_replay=self.config.rollout.use_rollout_routing_replay,
+        )
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The current weights as a HF state dict (on-disk names) on global rank 0, else None."""
+        from megatron.core.utils import unwrap_model
+
+        chunks = [unwrap_model(m) for m in self.model]
+        return gather_hf_state_dict(chunks, self.arch, megatron_naming(self.use_transformer_engine))
