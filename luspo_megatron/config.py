@@ -72,6 +72,12 @@ class ModelConfig:
         choices=("tiny_qwen3_moe", "tiny_qwen3", "tiny_qwen25"),
     )
     dtype: str = opt("fp32", "--model-dtype", help="Parameter dtype.", choices=("fp32", "bf16"))
+    vocab: str = opt(
+        "task", "--model-vocab",
+        help="Vocabulary of a preset model: task = the Qwen3 tokenizer restricted to the task's texts "
+             "(fast on CPU); full = all 151,936 Qwen3 tokens.",
+        choices=("task", "full"),
+    )
     moe_aux_loss_coef: float | None = opt(
         None, "--moe-aux-loss-coeff", help="MoE load-balancing loss coefficient; None: the HF config's value."
     )
@@ -221,6 +227,10 @@ class AlgorithmConfig:
     max_dynamic_sampling_rounds: int = opt(
         4, "--max-dynamic-sampling-rounds", help="Bound on extra rollout rounds to refill dropped groups."
     )
+    log_ref_kl: bool = opt(
+        False, "--log-ref-kl", help="Keep a reference model to log KL to it even when --kl-loss-coef is 0.",
+        action="store_true",
+    )
 
     def __post_init__(self) -> None:
         _positive(AlgorithmConfig, self, "n_samples_per_prompt", "max_dynamic_sampling_rounds")
@@ -309,6 +319,7 @@ class DataConfig:
         None, "--custom-reward-path", help="module:function computing the reward instead of --reward."
     )
     reward_timeout_s: float = opt(5.0, "--reward-timeout", help="Per-item reward timeout, seconds.")
+    sft_key: str = opt("solution", "--sft-key", help="Column with the reference response for --sft-warmup-steps.")
     format_reward_weight: float = opt(0.1, "--format-reward-weight", help="Weight of the format term in math+format.")
     reward_num_workers: int = opt(2, "--reward-num-workers", help="Processes scoring rewards (math-verify).")
     tokenizer_path: str | None = opt(
@@ -377,6 +388,7 @@ class RunConfig:
     train_iters: int = opt(20, "--train-iters", help="RL steps to run.")
     seed: int = opt(1234, "--seed", help="Seeds torch, numpy, random, Megatron's RNG tracker, data and sampling.")
     sft_warmup_steps: int = opt(0, "--sft-warmup-steps", help="Supervised warm-up steps before RL.")
+    sft_lr: float = opt(1e-3, "--sft-lr", help="Learning rate of the supervised warm-up (its own AdamW).")
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -389,6 +401,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _positive(RunConfig, self, "train_iters")
         _check(self.sft_warmup_steps >= 0, RunConfig, "sft_warmup_steps", "≥ 0", self.sft_warmup_steps)
+        _check(self.sft_lr > 0, RunConfig, "sft_lr", "> 0", self.sft_lr)
         batch = self.rollout.rollout_batch_size * self.algorithm.n_samples_per_prompt
         gbs = self.optimizer.global_batch_size
         if gbs is not None and batch % gbs != 0:

@@ -103,6 +103,7 @@ def _split_to(bins: list[list[int]], count: int, lengths: Sequence[int]) -> list
 def pack_micro_batches(
     sequences: Sequence[Any], advantages: Sequence[float] | torch.Tensor, *, max_tokens_per_micro_batch: int,
     dp_size: int = 1, pad_multiple: int = 1, pad_token_id: int = 0, equal_micro_batches: bool = True,
+    micro_batch_multiple: int = 1,
 ) -> list[list[MicroBatch]]:
     """``sequences[i]`` has ``prompt_ids``, ``response_ids`` and ``rollout_logp`` (a rollout
     :class:`~luspo_megatron.rollout.engine.Sample` does). Returns ``out[dp_rank][micro_batch]``."""
@@ -124,6 +125,8 @@ def pack_micro_batches(
     bins = [first_fit_decreasing(idx, lengths, max_tokens_per_micro_batch) for idx in per_rank]
     if equal_micro_batches:
         count = max(len(b) for b in bins)
+        # Interleaved pipelining runs micro-batches in rounds of pp: round the count up.
+        count = -(-count // micro_batch_multiple) * micro_batch_multiple
         bins = [_split_to(b, count, lengths) for b in bins]
     return [[_build(sequences, advantages, sorted(b), lengths, pad_token_id) for b in rank] for rank in bins]
 

@@ -111,6 +111,8 @@ class PackedDotProductAttention(MegatronModule):
         cp_size = group.size() if group is not None else 1
         cp_rank = group.rank() if group is not None else 0
         seq_q, pos_q = zigzag_positions(cu, cp_size, cp_rank)
+        if cp_size == 1:
+            return self._attend_padded(query, key, value, cu, seq_q, pos_q)
         if cp_size > 1:
             key = gather_from_sequence_parallel_region(key, tensor_parallel_output_grad=True, group=group)
             value = gather_from_sequence_parallel_region(value, tensor_parallel_output_grad=True, group=group)
@@ -125,6 +127,29 @@ class PackedDotProductAttention(MegatronModule):
         allowed = (seq_q[:, None] == seq_k[None, :]) & (pos_k[None, :] <= pos_q[:, None])
         allowed = allowed.to(query.device)
         return self._attend(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), allowed)
+
+    def _attend_padded(self, query, key, value, cu, seq, pos):
+        """Without CP: scatter the packed sequences into a padded [B, L] batch and run causal SDPA
+        per sequence. Work is Σ_i L_max² instead of the (Σ_i L_i)² of one mask over the whole pack,
+        which matters when a micro-batch packs hundreds of short RL responses."""
+        lengths = cu[1:] - cu[:-1]
+        num_seqs, max_len = lengths.numel(), int(lengths.max())
+        seq, pos = seq.to(query.device), pos.to(query.device)
+
+        def padded(x):  # [t, heads, d] -> [B, heads, L, d]
+            out = x.new_zeros(num_seqs, max_len, *x.shape[1:])
+            out = out.index_put((seq, pos), x)
+            return out.transpose(1, 2)
+
+        q, k, v = padded(query.float()), padded(key.float()), padded(value.float())
+        valid = torch.arange(max_len, device=query.device)[None, :] < lengths.to(query.device)[:, None]
+        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=query.device).tril()
+        mask = causal[None, None] & valid[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
+        )  # [B, h, L, d]
+        out = out.transpose(1, 2)[seq, pos]  # [t, h, d]
+        return out.reshape(out.shape[0], -1).to(value.dtype)
 
     def _forward_sbhd(self, query, key, value):
         # query [s, b, h, d] -> out [s, b, h·d]; plain causal attention per batch row.

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from luspo_megatron.algorithms.losses import LossConfig
 from luspo_megatron.checkpoint.hf_map import TensorSource, megatron_naming
 from luspo_megatron.config import RunConfig
 from luspo_megatron.errors import ConfigError
@@ -74,10 +75,13 @@ class MegatronPolicy:
     optimizer: Any
     scheduler: Any
     use_transformer_engine: bool
+    transformer_config: Any = None
+    reference: list | None = None
+    """Frozen reference-model chunks for ``ref_logp`` (KL), built by :meth:`snapshot_reference`."""
 
     @classmethod
     def from_config(cls, config: RunConfig, *, total_steps: int, hf_weights: TensorSource | None = None,
-                    use_transformer_engine: bool | None = None) -> MegatronPolicy:
+                    use_transformer_engine: bool | None = None, with_reference: bool = False) -> MegatronPolicy:
         """Validate and create the process groups, build this rank's model chunks, load weights
         (``hf_weights``, else ``--hf-checkpoint``, else the preset initialised with the run seed),
         wrap them for training and build the optimizer and LR schedule over ``total_steps``."""
@@ -92,6 +96,9 @@ class MegatronPolicy:
             routing_replay=config.rollout.use_rollout_routing_replay,
         )
         chunks = build_model(arch, tf_config, use_transformer_engine)
+        # Built now, before the training wrappers attach process groups to the shared config
+        # (which megatron's module builders deep-copy); filled by snapshot_reference().
+        reference = build_model(arch, tf_config, use_transformer_engine) if with_reference else None
         if hf_weights is None:
             hf_weights = (hf_safetensors_source(config.model.hf_checkpoint) if config.model.hf_checkpoint
                           else initial_hf_state_dict(hf_config, config.seed))
@@ -100,16 +107,46 @@ class MegatronPolicy:
         model = train.wrap_model(chunks, tf_config, use_distributed_optimizer=distopt)
         optimizer, scheduler = train.build_optimizer(model, config.optimizer, total_steps=total_steps,
                                                      use_distributed_optimizer=distopt)
-        return cls(config, arch, layout, model, optimizer, scheduler, use_transformer_engine)
+        policy = cls(config, arch, layout, model, optimizer, scheduler, use_transformer_engine, tf_config)
+        policy._reference_chunks = reference
+        return policy
 
     def train_step(self, micro_batches: list[MicroBatch], *, num_sequences: int | None = None,
-                   num_tokens: int | None = None) -> dict[str, float]:
+                   num_tokens: int | None = None, loss_config: LossConfig | None = None) -> dict[str, float]:
         """One optimizer step on this DP rank's micro-batches (see ``parallel.train.train_step``);
-        the loss, temperature and routing replay come from the run config."""
+        the loss (unless ``loss_config`` overrides it), temperature and routing replay come from
+        the run config."""
+        if loss_config is None:
+            loss_config = self.config.algorithm.loss_config(max_response_len=self.config.rollout.max_response_len)
         return train.train_step(
-            self.model, self.optimizer, self.scheduler, micro_batches,
-            self.config.algorithm.loss_config(max_response_len=self.config.rollout.max_response_len),
+            self.model, self.optimizer, self.scheduler, micro_batches, loss_config,
             num_sequences=num_sequences, num_tokens=num_tokens, temperature=self.config.rollout.temperature,
+            routing_replay=self.config.rollout.use_rollout_routing_replay,
+        )
+
+    def snapshot_reference(self) -> None:
+        """Freeze a copy of the current weights as the reference model for ``ref_logp`` (KL).
+        Same layout, so each rank copies its own shards; never wrapped in DDP, never optimized.
+        Needs ``from_config(..., with_reference=True)``."""
+        from megatron.core.utils import unwrap_model
+
+        chunks = getattr(self, "_reference_chunks", None)
+        if chunks is None:
+            raise RuntimeError("snapshot_reference needs MegatronPolicy.from_config(..., with_reference=True)")
+        with torch.no_grad():
+            for ref, live in zip(chunks, self.model):
+                live_params = dict(unwrap_model(live).named_parameters())
+                for name, param in ref.named_parameters():
+                    param.copy_(live_params[name])
+                    param.requires_grad_(False)
+        self.reference = chunks
+
+    def compute_reference_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """Forward-only token-aligned log-probs of the reference model (see :meth:`snapshot_reference`)."""
+        if self.reference is None:
+            raise RuntimeError("compute_reference_logprobs needs snapshot_reference first")
+        return train.compute_logprobs(
+            self.reference, micro_batches, temperature=self.config.rollout.temperature,
             routing_replay=self.config.rollout.use_rollout_routing_replay,
         )
 

@@ -163,8 +163,11 @@ def _logprobs(ctx: _StepContext, mb: LocalMicroBatch, output: torch.Tensor, inpl
 
 def _loss(ctx: _StepContext, mb: LocalMicroBatch, output: torch.Tensor):
     lp = _logprobs(ctx, mb, output, inplace=True)
+    # No old_logp means on-policy: the policy that sampled is the one being trained (one optimizer
+    # step per rollout), so π_old = sg[π_θ] exactly and the recompute forward pass is skipped.
+    old_logp = mb.old_logp if mb.old_logp is not None else lp.logp.detach()
     loss, metrics = policy_loss(
-        lp.logp, mb.old_logp, mb.advantages, mb.loss_mask, mb.cu_seqlens, ctx.loss_config,
+        lp.logp, old_logp, mb.advantages, mb.loss_mask, mb.cu_seqlens, ctx.loss_config,
         num_sequences=ctx.num_sequences, num_tokens=ctx.num_tokens, rollout_logp=mb.rollout_logp,
         ref_logp=mb.ref_logp, entropy=lp.entropy, cp_group=ctx.cp_group,
     )
