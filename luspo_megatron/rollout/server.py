@@ -71,7 +71,7 @@ class _Request:
     prompt_index: list[int]
     sample_ids: list[str]
     return_logprob: bool
-    no_stop_trim: bool
+    no_stop_trim: list[bool]  # per row (sampling_params may differ per prompt)
     want_routing: bool
     batched: bool  # the body held a list of prompts or n > 1: answer with a list
     results: list[GenResult | None] = field(default_factory=list)
@@ -286,7 +286,7 @@ class SGLangAPIServer:
         if not isinstance(rid, str):
             raise BadRequest("rid: expected a string")
         want_routing = bool(body.get("return_routed_experts", False))
-        rows, prompt_index, sample_ids = [], [], []
+        rows, prompt_index, sample_ids, no_stop_trim = [], [], [], []
         n_total = 0
         for i, (prompt, sp) in enumerate(zip(prompts, per_prompt)):
             spec = _sampling(sp)
@@ -303,10 +303,11 @@ class SGLangAPIServer:
                     stop_ids=frozenset(stop), want_routing=want_routing,
                 ))
                 prompt_index.append(i)
+                no_stop_trim.append(spec["no_stop_trim"])
                 sample_ids.append(rid if spec["n"] == 1 and len(prompts) == 1 else f"{rid}-{i}-{j}")
         return _Request(
             rid=rid, rows=rows, prompt_index=prompt_index, sample_ids=sample_ids,
-            return_logprob=bool(body.get("return_logprob", False)), no_stop_trim=spec["no_stop_trim"],
+            return_logprob=bool(body.get("return_logprob", False)), no_stop_trim=no_stop_trim,
             want_routing=want_routing, batched=batched_input or n_total > len(prompts),
         )
 
@@ -318,7 +319,7 @@ class SGLangAPIServer:
             tokens, logp = list(result.tokens), list(result.logp)
             if result.finish == protocol.FINISH_STOP:
                 reason = protocol.finish_stop(result.matched)
-                if not req.no_stop_trim:  # SGLang drops the matched stop token unless no_stop_trim
+                if not req.no_stop_trim[i]:  # SGLang drops the matched stop token unless no_stop_trim
                     tokens, logp = tokens[:-1], logp[:-1]
             elif result.finish == protocol.FINISH_LENGTH:
                 reason = protocol.finish_length(len(tokens))
@@ -345,7 +346,7 @@ class SGLangAPIServer:
         if self._running or not self._unpaused.is_set():
             return web.Response(status=200)  # busy generating (or paused): alive
         probe = _Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", rows=[GenRow([0], 1, seed=0)], prompt_index=[0],
-                         sample_ids=["health"], return_logprob=False, no_stop_trim=True, want_routing=False,
+                         sample_ids=["health"], return_logprob=False, no_stop_trim=[True], want_routing=False,
                          batched=False)
         self._enqueue(probe)
         try:

@@ -86,6 +86,19 @@ def test_finish_reasons_stop_with_the_stop_token_kept_and_length(engine, tiny_mo
     assert short.finish == "length" and short.response_ids == path[:2]
 
 
+def test_without_no_stop_trim_the_server_drops_the_matched_stop_token(server, tiny_moe):
+    prompt = [20, 21, 22]
+    path = greedy(tiny_moe, prompt, 8)
+    stop = next(t for i, t in enumerate(path) if i >= 2 and t not in path[:i] and t != EOS)
+    cut = path.index(stop)
+    body = {"input_ids": prompt, "return_logprob": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 8, "stop_token_ids": [stop]}}
+    status, out = http("POST", f"{server.url}/generate", body)
+    assert status == 200 and out["output_ids"] == path[:cut]  # sglang's default no_stop_trim=false
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert len(out["meta_info"]["output_token_logprobs"]) == cut
+
+
 def test_seeded_generate_is_reproducible_and_seeds_differ_per_sample(engine):
     prompts = [[30, 31], [32, 33, 34]]
     a = engine.generate(prompts, SamplingParams(max_new_tokens=10, seed=123), n=3)
