@@ -619,12 +619,10 @@ DTYPES_CLI = ("float32", "bfloat16", "float16")
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
     if not Path(args.hf_dir, "config.json").is_file():
-        sys.exit(f"serve_local.py: error: --hf-dir: expected a Hugging Face model directory with config.json, "
-                 f"got {args.hf_dir!r}")
+        parser.error(f"--hf-dir: expected a Hugging Face model directory with config.json, got {args.hf_dir!r}")
     faults = FaultConfig(
         health_503_first=args.fault_health_503_first, error_500_every=args.fault_500_every,
         drop_every=args.fault_drop_every, abort_every=args.fault_abort_every, slow_s=args.fault_slow_s,

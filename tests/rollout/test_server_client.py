@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from luspo_megatron.errors import RolloutError
 from luspo_megatron.rollout.engine import SamplingParams
@@ -167,3 +168,29 @@ def test_health_model_info_and_weight_version(engine, server):
 def test_a_4xx_answer_is_raised_at_once_with_the_server_and_prompt(engine):
     with pytest.raises(RolloutError, match=r"/generate rejected prompt 1: HTTP 400"):
         engine.generate([[1, 2], [10**6]], SamplingParams(max_new_tokens=2), n=1)  # token id out of vocab
+
+
+def test_flush_cache_is_retried_while_the_server_answers_400(server):
+    body = {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 150, "ignore_eos": True}}
+    with ThreadPoolExecutor(1) as pool, SGLangEngine([server.url], flush_retries=1000, flush_retry_s=0.02) as engine:
+        pending = pool.submit(http, "POST", f"{server.url}/generate", body, 60)
+        deadline = time.monotonic() + 20
+        while http("GET", f"{server.url}/v1/loads")[1]["loads"][0]["num_running_reqs"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert http("POST", f"{server.url}/flush_cache")[0] == 400  # busy: SGLang's rule
+        engine.flush_cache()  # retries until the request is done
+        assert pending.done() and pending.result()[0] == 200
+
+
+@torch.no_grad()
+def test_routed_experts_come_back_decoded_for_routing_replay(server, tiny_moe):
+    from tests.rollout.conftest import load_model
+
+    with SGLangEngine([server.url], routed_layout=(2, 2)) as engine:
+        [[sample]] = engine.generate([[50, 51, 52]], SamplingParams(max_new_tokens=5, seed=3), n=1)
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    logits = load_model(str(tiny_moe))(ids, output_router_logits=True).router_logits
+    reference = torch.stack([r.topk(2, -1).indices.sort(-1).values for r in logits], dim=1)[:-1]
+    assert sample.routed_experts.shape == (3 + len(sample.response_ids) - 1, 2, 2)
+    assert torch.equal(torch.from_numpy(sample.routed_experts).sort(-1).values.long(), reference)
