@@ -113,7 +113,6 @@ class SGLangAPIServer:
         self._rng = random.Random(seed)  # seeds of requests without sampling_seed
         self._waiting: deque[tuple[_Request, int]] = deque()
         self._running: list[tuple[_Request, int]] = []
-        self._requests: dict[str, _Request] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="generate")  # all model work, in order
         self._comm_executor = ThreadPoolExecutor(2, thread_name_prefix="weight-comm")
         self._groups: dict[str, weight_sync.UpdateGroup] = {}
@@ -168,7 +167,6 @@ class SGLangAPIServer:
     def _enqueue(self, request: _Request) -> None:
         request.results = [None] * len(request.rows)
         request.done = asyncio.get_running_loop().create_future()
-        self._requests[request.rid] = request
         self._waiting.extend((request, i) for i in range(len(request.rows)))
         self._work.set()
 
@@ -178,6 +176,8 @@ class SGLangAPIServer:
             await self._work.wait()
             await self._unpaused.wait()
             async with self._model_lock:
+                if not self._unpaused.is_set():  # paused while we waited for the lock
+                    continue
                 batch = []
                 while self._waiting and len(batch) < self.max_running:
                     batch.append(self._waiting.popleft())
@@ -254,8 +254,6 @@ class SGLangAPIServer:
             await req.done
         except Exception as err:
             return _error_body(f"generation failed: {err}", status=500)
-        finally:
-            self._requests.pop(req.rid, None)
         return web.json_response(self._response(req, req.results))
 
     def _parse_generate(self, body: Any) -> _Request:
@@ -353,8 +351,6 @@ class SGLangAPIServer:
             await asyncio.wait_for(asyncio.shield(probe.done), HEALTH_TIMEOUT_S)
         except Exception:
             return web.Response(status=503)
-        finally:
-            self._requests.pop(probe.rid, None)
         return web.Response(status=200)
 
     def _model_info(self) -> dict[str, Any]:
