@@ -86,8 +86,11 @@ def _init_worker(preload: tuple[str, ...], ready) -> None:
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    for path in preload:  # heavy imports (sympy) happen here, not inside an item's time
+    for path in preload:  # heavy imports and first-call set-up happen here, not in an item's time
         _FUNCTIONS[path] = load_function(path)
+        warm_up = getattr(importlib.import_module(path.partition(":")[0]), "warm_up", None)
+        if callable(warm_up):
+            warm_up()
     with ready.get_lock():
         ready.value += 1
 

@@ -32,14 +32,14 @@ NOT_EQUIVALENT = [
 @pytest.fixture(scope="module")
 def pool():
     """Generous timeout: sympy on a loaded 2-core CI box can take a while."""
-    with RewardPool(num_workers=2, timeout_s=20.0) as p:
+    with RewardPool(num_workers=2, timeout_s=20.0, preload=(MATH_SCORE,)) as p:
         yield p
 
 
 @pytest.fixture(scope="module")
 def fast_pool():
     """Short timeout and guard, for the items that never finish (each costs a timeout)."""
-    with RewardPool(num_workers=2, timeout_s=0.5, grace_s=0.5) as p:
+    with RewardPool(num_workers=2, timeout_s=0.5, grace_s=0.5, preload=(MATH_SCORE,)) as p:
         yield p
 
 
