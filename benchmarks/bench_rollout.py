@@ -68,6 +68,15 @@ def in_process(generator, batch, concurrency, new_tokens) -> int:
                                             for i, p in enumerate(batch[start:start + concurrency])]))
 
 
+def median_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 def best_of(run, repeats: int, *args) -> tuple[int, float]:
     """(tokens, seconds) of the fastest of ``repeats`` runs of ``run(*args)``."""
     results = []
@@ -123,6 +132,10 @@ def main() -> None:
                     overhead_ms = (http_s / tokens - local_s / local_tokens) * tokens / len(batch) * 1e3
                     rows.append((concurrency, len(batch), tokens, tokens / http_s, local_tokens / local_s, ratio,
                                  overhead_ms))
+                # Latency of one 1-token request: the fixed cost of the HTTP path, median of 20.
+                one = SamplingParams(max_new_tokens=1, seed=0)
+                http_ms = median_ms(lambda: engine.generate([batch[0]], one, n=1), 20)
+                local_ms = median_ms(lambda: generator.generate([GenRow(batch[0], 1, seed=0)]), 20)
             info = json.loads(urllib.request.urlopen(f"{server.url}/server_info").read())["internal_states"][0]
         finally:
             server.stop()
@@ -132,7 +145,9 @@ def main() -> None:
           f"max_new_tokens {new_tokens}")
     print(f"server start-up until /health_generate = 200: {startup_s:.2f} s (load average before: {load:.1f})")
     print(f"throughput: best of {repeats} runs per cell")
-    print(f"server batches: {info['batches']}, largest {info['max_batch_rows']} rows\n")
+    print(f"server batches: {info['batches']}, largest {info['max_batch_rows']} rows")
+    print(f"one 1-token request (median of 20): {http_ms:.1f} ms over HTTP, {local_ms:.1f} ms in-process "
+          f"-> fixed cost of the HTTP path {http_ms - local_ms:.1f} ms\n")
     print("| concurrency | requests | tokens | HTTP tokens/s | in-process tokens/s | HTTP / in-process time "
           "| overhead per request (ms) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
