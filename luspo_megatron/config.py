@@ -163,9 +163,16 @@ class RolloutConfig:
         False, "--use-rollout-routing-replay", help="Replay the engine's MoE routing in training (R3).",
         action="store_true",
     )
+    startup_timeout_s: float = opt(
+        600.0, "--rollout-startup-timeout", help="Seconds to wait for every server's /health_generate at start."
+    )
+    local_device: str = opt("cpu", "--rollout-device", help="Device of the local rollout server: cpu or cuda[:N].")
 
     def __post_init__(self) -> None:
         _positive(RolloutConfig, self, "num_engines", "rollout_batch_size", "max_response_len", "max_concurrency")
+        _check(self.startup_timeout_s > 0, RolloutConfig, "startup_timeout_s", "> 0", self.startup_timeout_s)
+        _check(self.local_device == "cpu" or self.local_device.startswith("cuda"), RolloutConfig, "local_device",
+               "cpu or cuda[:N]", self.local_device)
         _check(self.max_retries >= 0, RolloutConfig, "max_retries", "≥ 0", self.max_retries)
         _check(self.temperature > 0, RolloutConfig, "temperature", "> 0", self.temperature)
         _check(0 < self.top_p <= 1, RolloutConfig, "top_p", "a float in (0, 1]", self.top_p)
@@ -302,9 +309,20 @@ class DataConfig:
         None, "--custom-reward-path", help="module:function computing the reward instead of --reward."
     )
     reward_timeout_s: float = opt(5.0, "--reward-timeout", help="Per-item reward timeout, seconds.")
+    format_reward_weight: float = opt(0.1, "--format-reward-weight", help="Weight of the format term in math+format.")
+    reward_num_workers: int = opt(2, "--reward-num-workers", help="Processes scoring rewards (math-verify).")
+    tokenizer_path: str | None = opt(
+        None, "--tokenizer-path", help="HF tokenizer directory; None: the Qwen3 tokenizer (offline, built in)."
+    )
+    synthetic_num_prompts: int = opt(
+        4096, "--synthetic-num-prompts", help="Prompts of the built-in arithmetic task (without --prompt-data)."
+    )
+    synthetic_max_steps: int = opt(8, "--synthetic-max-steps", help="Hardest arithmetic level (operations).")
 
     def __post_init__(self) -> None:
-        _positive(DataConfig, self, "max_prompt_len")
+        _positive(DataConfig, self, "max_prompt_len", "reward_num_workers", "synthetic_num_prompts",
+                  "synthetic_max_steps")
+        _check(self.format_reward_weight >= 0, DataConfig, "format_reward_weight", "≥ 0", self.format_reward_weight)
         _check(self.reward_timeout_s > 0, DataConfig, "reward_timeout_s", "> 0", self.reward_timeout_s)
         if self.custom_reward_path is not None:
             _check(":" in self.custom_reward_path, DataConfig, "custom_reward_path", "module:function",

@@ -1,0 +1,112 @@
+"""The rollout-engine protocol: what the trainer may ask of any engine (DESIGN.md §4, steps 2 and 7).
+
+An engine turns prompt token ids into sampled responses with the log-probs the sampler used. Two
+implementations speak SGLang's native HTTP API: :class:`luspo_megatron.rollout.sglang.SGLangEngine`
+(real SGLang servers, an sglang-router, or our own :mod:`luspo_megatron.rollout.server`). The
+trainer sees only this protocol, so it cannot tell them apart.
+
+Log-prob convention (the trainer uses the same one): ``rollout_logp[t] = log_softmax(logits_t /
+temperature)[y_t]``, before any top-p / top-k truncation. That is SGLang's convention too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from luspo_megatron.errors import ConfigError
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How responses are sampled. ``top_k=-1`` and ``top_p=1`` disable truncation.
+
+    ``seed`` makes a generate call reproducible: the client derives one seed per (prompt, sample)
+    from it, so the G samples of a prompt differ yet the whole call repeats exactly.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature: expected ≥ 0, got {self.temperature!r}", field="temperature")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: expected a float in (0, 1], got {self.top_p!r}", field="top_p")
+        if not (self.top_k == -1 or self.top_k >= 1):
+            raise ConfigError(f"top_k: expected -1 or ≥ 1, got {self.top_k!r}", field="top_k")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ConfigError(f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}",
+                              field="max_new_tokens")
+
+
+@dataclass
+class Sample:
+    """One sampled response. ``rollout_logp[t]`` belongs to ``response_ids[t]``.
+
+    ``finish`` is "stop" (a stop token ended it; the token is kept in ``response_ids``), "length"
+    (``max_new_tokens`` reached) or "abort". ``routed_experts`` (routing replay, optional) is an
+    int32 array [prompt_len + response_len − 1, num_layers, top_k]: the experts each input
+    position was routed to.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logp: list[float]
+    finish: str
+    weight_version: str
+    routed_experts: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.finish not in FINISH_REASONS:
+            raise ValueError(f"finish: expected one of {FINISH_REASONS}, got {self.finish!r}")
+        if len(self.rollout_logp) != len(self.response_ids):
+            raise ValueError(
+                f"rollout_logp has {len(self.rollout_logp)} entries for {len(self.response_ids)} response tokens"
+            )
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer calls. All methods are synchronous; engines may run asyncio inside."""
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int) -> list[list[Sample]]:
+        """``n`` samples for each prompt: ``out[i][j]`` is sample j of ``prompts[i]``. Never drops one."""
+        ...
+
+    def update_weights(self, source: Any, weight_version: str) -> None:
+        """Load new policy weights (how depends on ``source``) and set the weight version."""
+        ...
+
+    def weight_version(self) -> str:
+        """The version of the weights the engine generates with now."""
+        ...
+
+    def health(self) -> bool:
+        """True when every server can generate a token."""
+        ...
+
+    def pause(self) -> None:
+        """Stop generating (in-flight requests are aborted and will be retried by the client)."""
+        ...
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        ...
+
+    def flush_cache(self) -> None:
+        """Drop cached prefixes (stale after a weight update)."""
+        ...
