@@ -175,6 +175,7 @@ class SGLangAPIServer:
         while True:
             await self._work.wait()
             await self._unpaused.wait()
+            await self._gather()
             async with self._model_lock:
                 if not self._unpaused.is_set():  # paused while we waited for the lock
                     continue
@@ -204,6 +205,18 @@ class SGLangAPIServer:
                 self._last_throughput = tokens / max(time.perf_counter() - started, 1e-9)
                 for (req, i), result in zip(batch, results):
                     req.finish_row(i, result)
+
+    async def _gather(self, quiet_s: float = 0.005, max_wait_s: float = 0.05) -> None:
+        """Let a burst of requests arrive before a batch starts. A rollout sends one HTTP request
+        per sample, over a few milliseconds; starting on the first would run them as a string of
+        tiny batches (the batch is static while it generates). Wait until the queue stops growing
+        for ``quiet_s``, the batch is full, or ``max_wait_s`` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait_s
+        seen = -1
+        while seen != len(self._waiting) and len(self._waiting) < self.max_running and loop.time() < deadline:
+            seen = len(self._waiting)
+            await asyncio.sleep(quiet_s)
 
     def _abort(self, rid: str | None, message: str) -> int:
         """Abort waiting and running rows (all of them when ``rid`` is None). Returns how many."""

@@ -116,8 +116,9 @@ def test_concurrent_requests_share_batches(engine, server):
     groups = engine.generate(prompts, SamplingParams(max_new_tokens=16), n=2)
     after = http("GET", f"{server.url}/server_info")[1]["internal_states"][0]
     assert sum(len(g) for g in groups) == 64
-    assert after["batches"] - before["batches"] < 32  # 32 concurrent requests, fewer model.generate calls
-    assert after["max_batch_rows"] > 2
+    # The 32 concurrent requests (64 rows) arrive as one burst and are gathered into few batches.
+    assert after["batches"] - before["batches"] <= 4
+    assert after["max_batch_rows"] >= 32
 
 
 def test_abort_request_returns_the_partial_output_with_an_abort_reason(server):
