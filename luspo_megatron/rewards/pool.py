@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +33,8 @@ from typing import Any
 Item = tuple[str, Any, Any]  # (response, label, metadata)
 
 OK, TIMEOUT, ERROR = "ok", "timeout", "error"
+# Imported once by the fork server (only the first pool of a process sets this).
+FORKSERVER_PRELOAD = ("luspo_megatron.rewards.pool", "luspo_megatron.rewards.math")
 
 
 @dataclass
@@ -75,14 +78,22 @@ def _on_alarm(signum, frame) -> None:
     raise _ItemTimeout()
 
 
-def _init_worker() -> None:
+_FUNCTIONS: dict[str, Callable[..., Any]] = {}
+
+
+def _init_worker(preload: tuple[str, ...], ready) -> None:
     # math-verify logs whole inputs on timeouts and warns when its own timeout is off; quiet it.
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for path in preload:  # heavy imports and first-call set-up happen here, not in an item's time
+        _FUNCTIONS[path] = load_function(path)
+        warm_up = getattr(importlib.import_module(path.partition(":")[0]), "warm_up", None)
+        if callable(warm_up):
+            warm_up()
+    with ready.get_lock():
+        ready.value += 1
 
-
-_FUNCTIONS: dict[str, Callable[..., Any]] = {}
 
 
 def _score_item(fn_path: str, item: Item, timeout_s: float) -> tuple[str, float, str]:
@@ -107,21 +118,36 @@ class RewardPool:
 
     def __init__(
         self, num_workers: int | None = None, timeout_s: float = 5.0, max_attempts: int = 2, grace_s: float = 5.0,
+        preload: tuple[str, ...] = (), startup_timeout_s: float = 300.0,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s: expected > 0, got {timeout_s}")
         self.num_workers = num_workers or min(4, os.cpu_count() or 1)
         self.timeout_s, self.max_attempts, self.grace_s = timeout_s, max_attempts, grace_s
+        self.preload, self.startup_timeout_s = tuple(preload), startup_timeout_s
         self.stats = ScoreStats()
         self._pool: ProcessPoolExecutor | None = None
+        # forkserver, not fork: the trainer has threads (HTTP client, torch) that a fork would copy
+        # mid-state. The fork server is a clean single-threaded process that imports math-verify
+        # once, so a replacement worker starts in milliseconds instead of re-importing sympy.
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+        self._ready = self._context.Value("i", 0)  # workers that finished their initializer
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            # spawn: the parent has threads (HTTP client, torch), which fork would copy mid-state.
+            self._ready.value = 0
             self._pool = ProcessPoolExecutor(
-                self.num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                self.num_workers, mp_context=self._context, initializer=_init_worker,
+                initargs=(self.preload, self._ready),
             )
         return self._pool
+
+    def _starting(self) -> bool:
+        """True while some spawned worker has not finished its initializer (imports): a quiet
+        pool is then slow to start, not stuck."""
+        spawned = len(getattr(self._pool, "_processes", {}) or {})
+        return self._ready.value < spawned
 
     def _replace(self) -> None:
         """Kill every worker and drop the pool; the next call starts a fresh one."""
@@ -156,6 +182,7 @@ class RewardPool:
             pending = [i for i in pending if i not in finished]
             if broken:
                 stats.pool_restarts += 1
+                stats.error_examples = (stats.error_examples + [f"pool restarted: worker {broken}"])[:5]
                 self._replace()
                 if isolate:  # the one item in flight killed (or hung) its worker
                     culprit = batch[0]
@@ -173,13 +200,23 @@ class RewardPool:
     def _run(self, fn_path, items, batch, scores, stats) -> tuple[set[int], str | None]:
         """Score ``batch``; returns (finished indices, None | "crash" | "stuck")."""
         pool = self._executor()
-        futures: dict[Future, int] = {pool.submit(_score_item, fn_path, items[i], self.timeout_s): i for i in batch}
+        futures: dict[Future, int] = {}
         finished: set[int] = set()
-        waiting = set(futures)
         broken = None
+        for i in batch:
+            try:
+                futures[pool.submit(_score_item, fn_path, items[i], self.timeout_s)] = i
+            except BrokenProcessPool:  # a worker died while we were still submitting
+                broken = "crash"
+                break
+        waiting = set(futures)
+        started = last_progress = time.monotonic()
         while waiting:
-            done, waiting = wait(waiting, timeout=self.timeout_s + self.grace_s, return_when=FIRST_COMPLETED)
-            if not done:
+            done, waiting = wait(waiting, timeout=0.1, return_when=FIRST_COMPLETED)
+            now = time.monotonic()
+            if done or (self._starting() and now - started < self.startup_timeout_s):
+                last_progress = now  # a result, or workers still importing: not stuck
+            elif now - last_progress > self.timeout_s + self.grace_s:
                 return finished, "stuck"
             for future in done:
                 index = futures[future]

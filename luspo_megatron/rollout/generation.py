@@ -65,52 +65,100 @@ class GenResult:
     routed_experts: np.ndarray | None = None  # int32 [prompt_len + len(tokens) - 1, layers, top_k]
 
 
+BLOCK = 256  # inverse-CDF block size: two cumulative sums of ~√V instead of one over V (V = 151,936)
+NUCLEUS_CANDIDATES = 1024  # top-p rows first look for their nucleus among this many tokens
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Row-wise draw from ``probs`` [R, N] (non-negative, need not sum to 1) with ``uniform`` [R]
+    in [0, 1): the first index whose cumulative mass exceeds ``uniform · total``.
+
+    Two levels, so that only block sums (one pass over V) and one block's cumulative sum are
+    needed, in float64: a float32 cumsum over 152k entries would drift by ~1e-4 relative.
+    A zero-probability index is never returned (the search is strict, ``right=True``).
+    """
+    rows, n = probs.shape
+    full = n // BLOCK * BLOCK
+    sums = probs[:, :full].reshape(rows, -1, BLOCK).sum(-1)
+    if full < n:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True)], dim=1)
+    block_cdf = sums.double().cumsum(-1)  # [R, nb]
+    target = uniform.to(block_cdf) * block_cdf[:, -1]
+    block = torch.searchsorted(block_cdf, target[:, None], right=True).clamp_(max=block_cdf.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target[:, None]))
+    cols = block * BLOCK + torch.arange(BLOCK, device=probs.device)  # [R, BLOCK]
+    inside = cols < n
+    values = probs.gather(1, cols.clamp(max=n - 1)) * inside
+    inner = values.double().cumsum(-1)
+    pick = torch.searchsorted(inner, target[:, None] - before, right=True)
+    # Round-off can put the target past the block's last positive entry: take that entry instead.
+    last = torch.where(values > 0, torch.arange(BLOCK, device=probs.device), -1).max(-1, keepdim=True).values
+    return (block * BLOCK + torch.minimum(pick, last))[:, 0]
+
+
 class _RowSampler(LogitsProcessor):
     """Samples one token per row with the row's own parameters and RNG; records its log-prob.
 
-    Returns scores that are −inf except at the chosen token, so transformers' greedy step
+    Fills ``scores`` with −inf except at the chosen token, so transformers' greedy step
     (``do_sample=False``) appends exactly our choice.
     """
 
     def __init__(self, rows: list[GenRow], device: torch.device) -> None:
         self.temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=device)
+        self.greedy = self.temperature == 0
+        self.temperature[self.greedy] = 1.0  # greedy rows report log_softmax(logits), T = 1
         self.top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=device)
-        self.top_k = torch.tensor([r.top_k if r.top_k > 0 else 0 for r in rows], dtype=torch.long, device=device)
-        self.truncate = bool((self.top_p < 1).any() or (self.top_k > 0).any())
+        self.top_k = torch.tensor([max(r.top_k, 0) for r in rows], dtype=torch.long, device=device)
+        truncated = ((self.top_p < 1) | (self.top_k > 0)) & ~self.greedy
+        self.truncated = truncated.nonzero()[:, 0]
+        self.plain = (~truncated & ~self.greedy).nonzero()[:, 0]
+        self.any_greedy = bool(self.greedy.any())
         self.generators = [torch.Generator().manual_seed(r.seed) for r in rows]
         self.tokens: list[torch.Tensor] = []  # per step: [B]
         self.logp: list[torch.Tensor] = []  # per step: [B]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float()  # [B, V]
-        greedy = self.temperature == 0
-        temperature = torch.where(greedy, torch.ones_like(self.temperature), self.temperature)
-        # The recorded log-prob: log_softmax(logits / T), before truncation (engine.py convention).
-        logp = torch.log_softmax(logits / temperature[:, None], dim=-1)
-        probs = logp.exp()
-        vocab = probs.shape[-1]
-        if self.truncate:
-            # top-k, then top-p (nucleus) on the sorted distribution: keep a token while the mass
-            # strictly before it is < p, which always keeps the most likely one.
-            probs, order = probs.sort(dim=-1, descending=True)
-            rank = torch.arange(vocab, device=probs.device)
-            k = torch.where(self.top_k > 0, self.top_k, torch.full_like(self.top_k, vocab))
-            mass_before = probs.cumsum(dim=-1) - probs
-            keep = (rank[None, :] < k[:, None]) & (mass_before < self.top_p[:, None])
-            probs = probs * keep
-        # Inverse-CDF sampling, one uniform per row from the row's generator (batch-independent).
+        # ``scores`` is transformers' float32 copy of the last position's logits, ours to overwrite.
+        scaled = scores.div_(self.temperature[:, None])  # [B, V], in place: logits / T
+        probs = torch.softmax(scaled, dim=-1)  # one fused pass; float32 keeps full relative precision
+        # One uniform per row and step from the row's own generator: batch-independent draws.
         uniform = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
-        cdf = probs.double().cumsum(dim=-1)
-        target = (uniform.to(cdf.device) * cdf[:, -1])[:, None]
-        pick = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)[:, 0]
-        if self.truncate:
-            pick = order.gather(1, pick[:, None])[:, 0]
-        pick = torch.where(greedy, logits.argmax(dim=-1), pick)
+        uniform = uniform.to(scores.device)
+        pick = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        if self.plain.numel():
+            pick[self.plain] = inverse_cdf(probs[self.plain], uniform[self.plain])
+        if self.truncated.numel():
+            pick[self.truncated] = self._truncated(probs[self.truncated], uniform[self.truncated],
+                                                   self.top_k[self.truncated], self.top_p[self.truncated])
+        if self.any_greedy:
+            pick = torch.where(self.greedy, scaled.argmax(dim=-1), pick)
         self.tokens.append(pick)
-        self.logp.append(logp.gather(1, pick[:, None])[:, 0])
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(1, pick[:, None], 0.0)
-        return forced
+        # The recorded log-prob is log_softmax(logits / T)[y], before truncation (engine.py). A
+        # sampled token has probability > 0, so its log is finite and accurate to float32 rounding.
+        self.logp.append(probs.gather(1, pick[:, None])[:, 0].log())
+        return scores.fill_(float("-inf")).scatter_(1, pick[:, None], 0.0)
+
+    @staticmethod
+    def _truncated(
+        probs: torch.Tensor, uniform: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    ) -> torch.Tensor:
+        """top-k, then top-p (nucleus): on the sorted distribution keep a token while the mass
+        strictly before it is < p, which always keeps the most likely one.
+
+        transformers' warpers take one top-k / top-p per call, not per row, hence our own. Sorting
+        all of V per row is slow, so candidates come from ``topk``: exact when the row's top-k fits,
+        or when the candidates' mass already reaches top_p; rows where neither holds are sorted fully.
+        """
+        vocab = probs.shape[-1]
+        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+        width = min(vocab, max(int(k.max()) if bool((top_k > 0).all()) else NUCLEUS_CANDIDATES, 1))
+        values, order = probs.topk(width, dim=-1)  # sorted, descending
+        needs_all = (k > width) & (values.sum(-1) < top_p)
+        if bool(needs_all.any()):
+            values, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(values.shape[-1], device=probs.device)
+        keep = (rank[None, :] < k[:, None]) & ((values.cumsum(-1) - values) < top_p[:, None])
+        return order.gather(1, inverse_cdf(values * keep, uniform)[:, None])[:, 0]
 
 
 class _RowStopper(StoppingCriteria):

@@ -71,7 +71,7 @@ class _Request:
     prompt_index: list[int]
     sample_ids: list[str]
     return_logprob: bool
-    no_stop_trim: bool
+    no_stop_trim: list[bool]  # per row (sampling_params may differ per prompt)
     want_routing: bool
     batched: bool  # the body held a list of prompts or n > 1: answer with a list
     results: list[GenResult | None] = field(default_factory=list)
@@ -113,7 +113,6 @@ class SGLangAPIServer:
         self._rng = random.Random(seed)  # seeds of requests without sampling_seed
         self._waiting: deque[tuple[_Request, int]] = deque()
         self._running: list[tuple[_Request, int]] = []
-        self._requests: dict[str, _Request] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="generate")  # all model work, in order
         self._comm_executor = ThreadPoolExecutor(2, thread_name_prefix="weight-comm")
         self._groups: dict[str, weight_sync.UpdateGroup] = {}
@@ -168,7 +167,6 @@ class SGLangAPIServer:
     def _enqueue(self, request: _Request) -> None:
         request.results = [None] * len(request.rows)
         request.done = asyncio.get_running_loop().create_future()
-        self._requests[request.rid] = request
         self._waiting.extend((request, i) for i in range(len(request.rows)))
         self._work.set()
 
@@ -177,7 +175,10 @@ class SGLangAPIServer:
         while True:
             await self._work.wait()
             await self._unpaused.wait()
+            await self._gather()
             async with self._model_lock:
+                if not self._unpaused.is_set():  # paused while we waited for the lock
+                    continue
                 batch = []
                 while self._waiting and len(batch) < self.max_running:
                     batch.append(self._waiting.popleft())
@@ -204,6 +205,18 @@ class SGLangAPIServer:
                 self._last_throughput = tokens / max(time.perf_counter() - started, 1e-9)
                 for (req, i), result in zip(batch, results):
                     req.finish_row(i, result)
+
+    async def _gather(self, quiet_s: float = 0.005, max_wait_s: float = 0.05) -> None:
+        """Let a burst of requests arrive before a batch starts. A rollout sends one HTTP request
+        per sample, over a few milliseconds; starting on the first would run them as a string of
+        tiny batches (the batch is static while it generates). Wait until the queue stops growing
+        for ``quiet_s``, the batch is full, or ``max_wait_s`` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait_s
+        seen = -1
+        while seen != len(self._waiting) and len(self._waiting) < self.max_running and loop.time() < deadline:
+            seen = len(self._waiting)
+            await asyncio.sleep(quiet_s)
 
     def _abort(self, rid: str | None, message: str) -> int:
         """Abort waiting and running rows (all of them when ``rid`` is None). Returns how many."""
@@ -254,8 +267,6 @@ class SGLangAPIServer:
             await req.done
         except Exception as err:
             return _error_body(f"generation failed: {err}", status=500)
-        finally:
-            self._requests.pop(req.rid, None)
         return web.json_response(self._response(req, req.results))
 
     def _parse_generate(self, body: Any) -> _Request:
@@ -286,7 +297,7 @@ class SGLangAPIServer:
         if not isinstance(rid, str):
             raise BadRequest("rid: expected a string")
         want_routing = bool(body.get("return_routed_experts", False))
-        rows, prompt_index, sample_ids = [], [], []
+        rows, prompt_index, sample_ids, no_stop_trim = [], [], [], []
         n_total = 0
         for i, (prompt, sp) in enumerate(zip(prompts, per_prompt)):
             spec = _sampling(sp)
@@ -303,10 +314,11 @@ class SGLangAPIServer:
                     stop_ids=frozenset(stop), want_routing=want_routing,
                 ))
                 prompt_index.append(i)
+                no_stop_trim.append(spec["no_stop_trim"])
                 sample_ids.append(rid if spec["n"] == 1 and len(prompts) == 1 else f"{rid}-{i}-{j}")
         return _Request(
             rid=rid, rows=rows, prompt_index=prompt_index, sample_ids=sample_ids,
-            return_logprob=bool(body.get("return_logprob", False)), no_stop_trim=spec["no_stop_trim"],
+            return_logprob=bool(body.get("return_logprob", False)), no_stop_trim=no_stop_trim,
             want_routing=want_routing, batched=batched_input or n_total > len(prompts),
         )
 
@@ -318,7 +330,7 @@ class SGLangAPIServer:
             tokens, logp = list(result.tokens), list(result.logp)
             if result.finish == protocol.FINISH_STOP:
                 reason = protocol.finish_stop(result.matched)
-                if not req.no_stop_trim:  # SGLang drops the matched stop token unless no_stop_trim
+                if not req.no_stop_trim[i]:  # SGLang drops the matched stop token unless no_stop_trim
                     tokens, logp = tokens[:-1], logp[:-1]
             elif result.finish == protocol.FINISH_LENGTH:
                 reason = protocol.finish_length(len(tokens))
@@ -345,15 +357,13 @@ class SGLangAPIServer:
         if self._running or not self._unpaused.is_set():
             return web.Response(status=200)  # busy generating (or paused): alive
         probe = _Request(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", rows=[GenRow([0], 1, seed=0)], prompt_index=[0],
-                         sample_ids=["health"], return_logprob=False, no_stop_trim=True, want_routing=False,
+                         sample_ids=["health"], return_logprob=False, no_stop_trim=[True], want_routing=False,
                          batched=False)
         self._enqueue(probe)
         try:
             await asyncio.wait_for(asyncio.shield(probe.done), HEALTH_TIMEOUT_S)
         except Exception:
             return web.Response(status=503)
-        finally:
-            self._requests.pop(probe.rid, None)
         return web.Response(status=200)
 
     def _model_info(self) -> dict[str, Any]:
@@ -618,12 +628,10 @@ DTYPES_CLI = ("float32", "bfloat16", "float16")
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
     if not Path(args.hf_dir, "config.json").is_file():
-        sys.exit(f"serve_local.py: error: --hf-dir: expected a Hugging Face model directory with config.json, "
-                 f"got {args.hf_dir!r}")
+        parser.error(f"--hf-dir: expected a Hugging Face model directory with config.json, got {args.hf_dir!r}")
     faults = FaultConfig(
         health_503_first=args.fault_health_503_first, error_500_every=args.fault_500_every,
         drop_every=args.fault_drop_every, abort_every=args.fault_abort_every, slow_s=args.fault_slow_s,

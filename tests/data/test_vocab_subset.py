@@ -3,7 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from luspo_megatron.data.vocab_subset import qwen3_tokenizer_dir, restrict_tokenizer
+from luspo_megatron.data.tokenizer import qwen3_tokenizer_dir
+from luspo_megatron.data.vocab_subset import restrict_tokenizer
 
 CORPUS = [
     "Compute 12 + 7 * 3. Step 1: 7 * 3 = 21. Step 2: 12 + 21 = 33. The answer is \\boxed{33}.",

@@ -31,7 +31,15 @@ NOT_EQUIVALENT = [
 
 @pytest.fixture(scope="module")
 def pool():
-    with RewardPool(num_workers=2, timeout_s=1.0, grace_s=1.0) as p:
+    """Generous timeout: sympy on a loaded 2-core CI box can take a while."""
+    with RewardPool(num_workers=2, timeout_s=20.0, preload=(MATH_SCORE,)) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def fast_pool():
+    """Short timeout and guard, for the items that never finish (each costs a timeout)."""
+    with RewardPool(num_workers=2, timeout_s=0.5, grace_s=0.5, preload=(MATH_SCORE,)) as p:
         yield p
 
 
@@ -46,16 +54,16 @@ def test_non_equivalent_answers_score_zero(pool):
     assert scores == [0.0] * len(NOT_EQUIVALENT)
 
 
-def test_a_slow_item_times_out_scores_zero_and_is_counted(pool):
+def test_a_slow_item_times_out_scores_zero_and_is_counted(fast_pool):
     items = [("ok", "x", None), ("slow", "x", None), ("ok", "x", None)]
     for fn in ("tests.rewards.helpers:sleepy", "tests.rewards.helpers:busy"):
-        scores, stats = pool.score(fn, items)
+        scores, stats = fast_pool.score(fn, items)
         assert scores == [1.0, 0.0, 1.0] and stats.timeouts == 1 and stats.pool_restarts == 0
 
 
-def test_math_verify_blowup_is_cut_by_the_item_timeout(pool):
+def test_math_verify_blowup_is_cut_by_the_item_timeout(fast_pool):
     # math-verify on 9^(9^(9^9)) vs 10^(10^(10^10)) runs for seconds (offline_deps.md §3.3).
-    scores, stats = pool.score(MATH_SCORE, [("\\boxed{9^{9^{9^{9}}}}", "10^{10^{10^{10}}}", None),
+    scores, stats = fast_pool.score(MATH_SCORE, [("\\boxed{9^{9^{9^{9}}}}", "10^{10^{10^{10}}}", None),
                                             ("\\boxed{2}", "2", None)])
     assert scores == [0.0, 1.0] and stats.timeouts == 1
 
@@ -75,9 +83,9 @@ def test_an_item_that_always_kills_its_worker_scores_zero_and_is_counted(pool):
     assert pool.score("tests.rewards.helpers:echo", [("a", "a", None)])[0] == [1.0]  # the pool still works
 
 
-def test_a_worker_stuck_beyond_the_signal_is_killed_and_counted_as_timeout(pool):
+def test_a_worker_stuck_beyond_the_signal_is_killed_and_counted_as_timeout(fast_pool):
     items = [("ok", "x", None), ("stuck", "x", None), ("ok", "x", None)]
-    scores, stats = pool.score("tests.rewards.helpers:unreachable", items)
+    scores, stats = fast_pool.score("tests.rewards.helpers:unreachable", items)
     assert scores == [1.0, 0.0, 1.0] and stats.timeouts == 1 and stats.pool_restarts >= 1
 
 

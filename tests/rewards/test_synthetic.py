@@ -16,7 +16,7 @@ LINE = re.compile(r"^(\d+) ([+*-]) (\d+) = (\d+)$")
 
 
 def test_reference_solutions_are_correct_step_by_step_and_earn_full_reward():
-    for row in make_dataset(200, seed=3):
+    for row in make_dataset(60, seed=3):
         truth = row["reward_model"]["ground_truth"]
         lines = row["solution"].splitlines()
         steps = row["extra_info"]["steps"]
@@ -43,13 +43,13 @@ def test_dataset_is_deterministic_from_the_seed():
 
 
 def test_difficulty_weights_grade_the_number_of_steps():
-    levels = Counter(r["extra_info"]["steps"] for r in make_dataset(2000, seed=0))
-    assert sorted(levels) == list(range(1, 9)) and min(levels.values()) > 150  # uniform over 1 … 8
+    levels = Counter(r["extra_info"]["steps"] for r in make_dataset(800, seed=0))
+    assert sorted(levels) == list(range(1, 9)) and min(levels.values()) > 60  # uniform over 1 … 8
     only_three = {r["extra_info"]["steps"] for r in make_dataset(100, seed=0, difficulty=[0, 0, 1])}
     assert only_three == {3}
     # Harder levels need longer reference solutions: the length lever of the task.
     by_level = {}
-    for r in make_dataset(500, seed=5):
+    for r in make_dataset(300, seed=5):
         by_level.setdefault(r["extra_info"]["steps"], []).append(len(r["solution"]))
     means = [sum(v) / len(v) for _, v in sorted(by_level.items())]
     assert means == sorted(means)

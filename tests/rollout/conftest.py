@@ -84,9 +84,10 @@ def pytest_configure(config) -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tiny_moe, tmp_path_factory):
-    """Our SGLang-API server in a real subprocess, one per test module (start-up is the slow part)."""
+    """Our SGLang-API server in a real subprocess, shared by the modules that leave its weights
+    alone (start-up is the slow part). Tests that change its fault settings restore them."""
     from luspo_megatron.rollout.local import LocalServer
 
     log = tmp_path_factory.mktemp("server_log") / "server.log"

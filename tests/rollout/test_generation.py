@@ -45,19 +45,20 @@ def test_a_seeded_row_samples_the_same_tokens_alone_or_in_any_batch(generator):
 
 
 @torch.no_grad()
-def test_sampling_frequencies_follow_the_truncated_softmax(generator, tiny_moe):
+@pytest.mark.parametrize("top_k", [5, -1])
+def test_sampling_frequencies_follow_the_truncated_softmax(generator, tiny_moe, top_k):
     # One token from one prompt, 3000 independent seeds: the empirical law must match
-    # softmax(logits/T) restricted to the top-k set and renormalised (the reference, in float64).
-    prompt, temperature, top_k, n = [3, 4, 5], 0.8, 5, 3000
+    # softmax(logits/T), restricted to the top-k set and renormalised (the reference, in float64).
+    prompt, temperature, n = [3, 4, 5], 0.8, 3000
     results = generator.generate([GenRow(prompt, 1, seed=s, temperature=temperature, top_k=top_k) for s in range(n)])
     logits = load_model(str(tiny_moe))(torch.tensor([prompt])).logits[0, -1].double() / temperature
-    top = torch.topk(logits, top_k).indices
-    probs = torch.softmax(logits[top], -1)
+    support = torch.topk(logits, top_k).indices if top_k > 0 else torch.arange(VOCAB)
+    probs = torch.softmax(logits[support], -1)
     counts = torch.zeros(VOCAB)
     for r in results:
         counts[r.tokens[0]] += 1
-    assert counts.sum() == counts[top].sum(), "a token outside the top-k set was sampled"
-    for token, p in zip(top.tolist(), probs.tolist()):
+    assert counts.sum() == counts[support].sum(), "a token outside the top-k set was sampled"
+    for token, p in zip(support.tolist(), probs.tolist()):
         sigma = math.sqrt(p * (1 - p) / n)
         assert abs(counts[token].item() / n - p) < 5 * sigma + 1e-3
 
@@ -115,3 +116,36 @@ def test_loading_a_tensor_of_the_wrong_shape_is_refused(generator):
         generator.load_named_tensors([("model.norm.weight", torch.zeros(3))])
     with pytest.raises(KeyError, match="no such parameter"):
         generator.load_named_tensors([("model.nothing.weight", torch.zeros(3))])
+
+
+def test_block_inverse_cdf_equals_a_full_float64_search():
+    from luspo_megatron.rollout.generation import inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    # Integer masses (exact in float32 and float64), with zero runs, over 1000 entries (4 blocks).
+    probs = torch.randint(0, 5, (6, 1000), generator=g).float()
+    probs[:, 300:700] = 0
+    for _ in range(200):
+        uniform = torch.rand(6, generator=g, dtype=torch.float64)
+        cdf = probs.double().cumsum(-1)
+        reference = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
+        got = inverse_cdf(probs, uniform)
+        assert torch.equal(got, reference)
+        assert bool((probs.gather(1, got[:, None]) > 0).all())
+
+
+def test_a_nucleus_wider_than_the_candidates_falls_back_to_a_full_sort():
+    from luspo_megatron.rollout.generation import NUCLEUS_CANDIDATES, _RowSampler
+
+    vocab = 3 * NUCLEUS_CANDIDATES
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(vocab, generator=g) * 0.1, -1)  # nearly flat: the nucleus is wide
+    sorted_p, order = probs.double().sort(descending=True)
+    nucleus = set(order[(sorted_p.cumsum(0) - sorted_p) < 0.9].tolist())
+    assert len(nucleus) > NUCLEUS_CANDIDATES
+    n = 1000
+    picks = _RowSampler._truncated(probs.expand(n, vocab).contiguous(), torch.rand(n, generator=g, dtype=torch.float64),
+                                   torch.zeros(n, dtype=torch.long), torch.full((n,), 0.9))
+    assert set(picks.tolist()) <= nucleus
+    outside_candidates = set(order[NUCLEUS_CANDIDATES:].tolist())
+    assert len(set(picks.tolist()) & outside_candidates) > 0  # reached past the top-k candidates

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from luspo_megatron.errors import RolloutError
 from luspo_megatron.rollout.engine import SamplingParams
@@ -86,6 +87,19 @@ def test_finish_reasons_stop_with_the_stop_token_kept_and_length(engine, tiny_mo
     assert short.finish == "length" and short.response_ids == path[:2]
 
 
+def test_without_no_stop_trim_the_server_drops_the_matched_stop_token(server, tiny_moe):
+    prompt = [20, 21, 22]
+    path = greedy(tiny_moe, prompt, 8)
+    stop = next(t for i, t in enumerate(path) if i >= 2 and t not in path[:i] and t != EOS)
+    cut = path.index(stop)
+    body = {"input_ids": prompt, "return_logprob": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 8, "stop_token_ids": [stop]}}
+    status, out = http("POST", f"{server.url}/generate", body)
+    assert status == 200 and out["output_ids"] == path[:cut]  # sglang's default no_stop_trim=false
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert len(out["meta_info"]["output_token_logprobs"]) == cut
+
+
 def test_seeded_generate_is_reproducible_and_seeds_differ_per_sample(engine):
     prompts = [[30, 31], [32, 33, 34]]
     a = engine.generate(prompts, SamplingParams(max_new_tokens=10, seed=123), n=3)
@@ -102,8 +116,9 @@ def test_concurrent_requests_share_batches(engine, server):
     groups = engine.generate(prompts, SamplingParams(max_new_tokens=16), n=2)
     after = http("GET", f"{server.url}/server_info")[1]["internal_states"][0]
     assert sum(len(g) for g in groups) == 64
-    assert after["batches"] - before["batches"] < 32  # 32 concurrent requests, fewer model.generate calls
-    assert after["max_batch_rows"] > 2
+    # The 32 concurrent requests (64 rows) arrive as one burst and are gathered into few batches.
+    assert after["batches"] - before["batches"] <= 4
+    assert after["max_batch_rows"] >= 32
 
 
 def test_abort_request_returns_the_partial_output_with_an_abort_reason(server):
@@ -154,3 +169,29 @@ def test_health_model_info_and_weight_version(engine, server):
 def test_a_4xx_answer_is_raised_at_once_with_the_server_and_prompt(engine):
     with pytest.raises(RolloutError, match=r"/generate rejected prompt 1: HTTP 400"):
         engine.generate([[1, 2], [10**6]], SamplingParams(max_new_tokens=2), n=1)  # token id out of vocab
+
+
+def test_flush_cache_is_retried_while_the_server_answers_400(server):
+    body = {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 150, "ignore_eos": True}}
+    with ThreadPoolExecutor(1) as pool, SGLangEngine([server.url], flush_retries=1000, flush_retry_s=0.02) as engine:
+        pending = pool.submit(http, "POST", f"{server.url}/generate", body, 60)
+        deadline = time.monotonic() + 20
+        while http("GET", f"{server.url}/v1/loads")[1]["loads"][0]["num_running_reqs"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert http("POST", f"{server.url}/flush_cache")[0] == 400  # busy: SGLang's rule
+        engine.flush_cache()  # retries until the request is done
+        assert pending.done() and pending.result()[0] == 200
+
+
+@torch.no_grad()
+def test_routed_experts_come_back_decoded_for_routing_replay(server, tiny_moe):
+    from tests.rollout.conftest import load_model
+
+    with SGLangEngine([server.url], routed_layout=(2, 2)) as engine:
+        [[sample]] = engine.generate([[50, 51, 52]], SamplingParams(max_new_tokens=5, seed=3), n=1)
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    logits = load_model(str(tiny_moe))(ids, output_router_logits=True).router_logits
+    reference = torch.stack([r.topk(2, -1).indices.sort(-1).values for r in logits], dim=1)[:-1]
+    assert sample.routed_experts.shape == (3 + len(sample.response_ids) - 1, 2, 2)
+    assert torch.equal(torch.from_numpy(sample.routed_experts).sort(-1).values.long(), reference)

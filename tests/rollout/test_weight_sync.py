@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from luspo_megatron.config import RolloutConfig
 from luspo_megatron.rollout.engine import SamplingParams
+from luspo_megatron.rollout.launch import start_rollout
 from luspo_megatron.rollout.local import free_port
-from luspo_megatron.rollout.sglang import SGLangEngine
 from luspo_megatron.rollout.weight_sync import (
     deserialize_named_tensors,
     serialize_named_tensors,
@@ -23,9 +24,24 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
 
 
 @pytest.fixture(scope="module")
-def engine(server):
-    with SGLangEngine([server.url], weight_sync="tensor", flush_retry_s=0.05) as client:
-        yield client
+def rollout(tiny_moe, tmp_path_factory):
+    """This module changes weights, so it gets its own server, started the trainer's way."""
+    handle = start_rollout(RolloutConfig(num_engines=1, max_concurrency=16), tiny_moe, seed=0,
+                           log_dir=tmp_path_factory.mktemp("rollout"))
+    yield handle
+    processes = [s.proc for s in handle.servers]
+    handle.close()
+    assert all(p.poll() is not None for p in processes), "closing the rollout must stop its servers"
+
+
+@pytest.fixture(scope="module")
+def engine(rollout):
+    return rollout.engine
+
+
+@pytest.fixture(scope="module")
+def server(rollout):
+    return rollout.servers[0]
 
 
 def outputs(engine) -> list[int]:
@@ -52,7 +68,7 @@ def test_update_from_disk_changes_outputs_and_weight_version(engine, server, tin
 
 
 def test_update_from_tensor_buckets_changes_outputs_and_weight_version(engine, server, tiny_moe):
-    engine.update_weights(bucket_by_bytes(hf_named_tensors(tiny_moe), max_bytes=32 * 1024), weight_version="8")
+    engine.update_weights_from_tensor(bucket_by_bytes(hf_named_tensors(tiny_moe), max_bytes=32 * 1024), "8")
     assert outputs(engine) == greedy(tiny_moe, PROMPT, 10)
     assert reported_version(engine, server) == ("8", "8")
 

@@ -105,8 +105,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.timeout(120)
 def test_export_gathers_tp_ep_pp_into_the_unsharded_model(tmp_path):
     world = TP * PP
+    # fork: the workers start from this process's imports (a spawn re-imports torch 4 times).
     mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-                       start_method="spawn")
+                       start_method="fork")
     expected = {}
     for name, (full, *_rest) in full_model().items():
         for hf_name, tensor in name_map(name, full):
