@@ -10,7 +10,6 @@ vocab-parallel logits are gathered and compared with the HF model's (float32).
 """
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -26,14 +25,7 @@ FAMILIES = {
 LAYOUTS = {"tp1": (1, 1, 1), "tp2_ep2": (2, 2, 1)}
 SHARDS = {"qwen3_moe": 20, "qwen3": 3, "qwen25": 4}
 EXPORT_SHARD_SIZE = "60KB"
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
-
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def main() -> None:
@@ -44,8 +36,6 @@ def main() -> None:
     cpu_compat.apply()
     torch.distributed.init_process_group("gloo")
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
     from transformers import AutoModelForCausalLM
 
     from luspo_megatron.checkpoint.convert import (
@@ -59,9 +49,10 @@ def main() -> None:
     from luspo_megatron.models import PRESETS, arch_from_hf
     from luspo_megatron.models.build import build_model
     from luspo_megatron.models.megatron_config import transformer_config
-    from tests.checkpoint.hf_dirs import write_hf_dir
+    from tests.checkpoint.helpers import tool_main, write_hf_dir
+    from tests.checkpoint.logits import megatron_logits, sequences, transformers_logits
 
-    hf_to_megatron, megatron_to_hf = tool("convert_hf_to_megatron"), tool("convert_megatron_to_hf")
+    hf_to_megatron, megatron_to_hf = tool_main("convert_hf_to_megatron"), tool_main("convert_megatron_to_hf")
     rank = torch.distributed.get_rank()
     work = Path(args.work)
     results = {}
@@ -97,16 +88,9 @@ def main() -> None:
                                                         str(work / "extra_megatron"), "--allow-extra",
                                                         "--no-progress"])
 
-        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         arch = arch_from_hf(config)
-        gen = torch.Generator().manual_seed(5)
-        lengths = [9, 14, 9]  # 32 tokens: divisible by tp for sequence parallelism
-        seqs = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in lengths]
-        with torch.no_grad():
-            theirs = torch.cat([hf_model(input_ids=s[None]).logits[0] for s in seqs])
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                                 cu_seqlens_kv_padded=cu, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+        seqs = sequences(arch.vocab_size)
+        theirs = transformers_logits(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), seqs)
         for name, (tp, ep, etp) in LAYOUTS.items():
             if ep > 1 and not arch.is_moe:
                 ep = 1
@@ -117,16 +101,13 @@ def main() -> None:
             tensor_parallel.model_parallel_cuda_manual_seed(11)
             chunks = build_model(arch, transformer_config(arch, parallel), use_transformer_engine=False)
             load_model_weights(meg_dir, chunks)
-            model = chunks[0].eval()
-            with torch.no_grad():
-                local = model(torch.cat(seqs)[None], None, None, packed_seq_params=packed)
-                ours = gather_from_tensor_model_parallel_region(local)[0]
+            ours = megatron_logits(chunks[0], seqs)
             family_result["logits"][name] = {
                 "max_abs_diff": (ours - theirs).abs().max().item(),
                 "logit_scale": theirs.abs().max().item(),
                 "layout": (tp, ep, etp),
             }
-            del chunks, model
+            del chunks
             parallel_state.destroy_model_parallel()
         results[family] = family_result
     if rank == 0:

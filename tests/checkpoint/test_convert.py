@@ -11,7 +11,7 @@ import transformers
 from safetensors import safe_open
 
 from tests.checkpoint.convert_worker import EXPORT_SHARD_SIZE, FAMILIES, LAYOUTS, SHARDS
-from tests.checkpoint.hf_dirs import read_tensors
+from tests.checkpoint.helpers import read_tensors
 from tests.distributed import torchrun
 
 WORKER = Path(__file__).with_name("convert_worker.py")

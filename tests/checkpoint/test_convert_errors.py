@@ -1,7 +1,6 @@
 """Bad input: both tools refuse with exit status 2, one line on stderr naming what is wrong, and
 write nothing. These refusals happen before any process group exists, so the tools run in-process."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,20 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from luspo_megatron.models import tiny_qwen3_moe
-from tests.checkpoint.hf_dirs import copy_dir, write_hf_dir
+from tests.checkpoint.helpers import copy_dir, tool_main, write_hf_dir
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 CONFIG = tiny_qwen3_moe(vocab_size=128, num_hidden_layers=2)
 
 
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
-
-hf_to_megatron, megatron_to_hf = tool("convert_hf_to_megatron"), tool("convert_megatron_to_hf")
+hf_to_megatron, megatron_to_hf = tool_main("convert_hf_to_megatron"), tool_main("convert_megatron_to_hf")
 
 
 @pytest.fixture(scope="module")

@@ -91,3 +91,11 @@ def test_cross_layout_check_sees_the_optimizer_state(runs):
     fresh = runs["resume"]["F"]
     assert not fresh["optimizer_restored"]
     assert abs(fresh["losses"][1] - uninterrupted[1]) > 1e-4 * abs(uninterrupted[1])
+
+
+def test_training_checkpoint_exports_to_hf_with_matching_logits(runs):
+    # the latest training checkpoint (trained weights, optimizer state inside), exported with the
+    # config saved in it: transformers on the export computes what our model computes
+    exported = runs["resume"]["X"]
+    assert exported["rc"] == 0 and exported["logit_scale"] > 0.1
+    assert exported["max_abs_diff"] <= 1e-5, exported

@@ -13,12 +13,15 @@ Modes (losses of every step, RNG fingerprints and resume reports are saved to ``
           Then the results are written and a save of step 6 SIGKILLs rank 0 in mid-write.
   resume  (another layout) R: load the latest complete checkpoint, 3 steps.
           F: the same without the optimizer state (a control that must differ).
+          X: export the training checkpoint with tools/convert_megatron_to_hf.py (config from the
+             checkpoint itself); logits of transformers on it vs our model loaded from the checkpoint.
 """
 
 import argparse
 import os
 import random
 import signal
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,12 +68,14 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from luspo_megatron.checkpoint.hf_map import hf_live_to_disk
-    from luspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
+    from luspo_megatron.checkpoint.training import load_checkpoint, load_model_weights, save_checkpoint
     from luspo_megatron.config import ParallelConfig
     from luspo_megatron.models import arch_from_hf, tiny_qwen3_moe
     from luspo_megatron.models.build import build_model
     from luspo_megatron.models.megatron_config import transformer_config
     from luspo_megatron.models.weights import load_hf_weights
+    from tests.checkpoint.helpers import tool_main
+    from tests.checkpoint.logits import megatron_logits, sequences, transformers_logits
     from tests.hf_models import build_hf_model
 
     # expert TP = TP (megatron's default). Note: tp > 1 with ep = etp = 1 would leave the experts
@@ -189,6 +194,20 @@ def main() -> None:
         raise AssertionError("the crash hook did not fire")
     result["R"] = resume(load_optimizer=True)
     result["F"] = resume(load_optimizer=False)
+
+    chunks = build_model(arch, tconfig, use_transformer_engine=False)
+    load_model_weights(args.ckpt, chunks)  # the model part of the latest training checkpoint
+    seqs = sequences(arch.vocab_size)
+    ours = megatron_logits(chunks[0], seqs)
+    parallel_state.destroy_model_parallel()  # the tool needs the one-process layout's groups
+    exported = Path(args.out).with_name("exported_hf")
+    result["X"] = {"rc": tool_main("convert_megatron_to_hf")(["--load", args.ckpt, "--save", str(exported),
+                                                              "--no-progress"])}
+    if rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        theirs = transformers_logits(AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32), seqs)
+        result["X"].update(max_abs_diff=(ours - theirs).abs().max().item(), logit_scale=theirs.abs().max().item())
     if rank == 0:
         torch.save(result, args.out)
     torch.distributed.barrier()

@@ -1,7 +1,9 @@
-"""Hugging Face model directories written in tests: tiny random models, sharded as asked."""
+"""Test helpers: Hugging Face model directories (tiny random models, sharded as asked) and the
+two tools' ``main`` functions, loaded from tools/ (a directory of scripts, not a package)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -11,6 +13,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.hf_models import build_hf_model
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def tool_main(name: str):
+    """``main(argv) -> exit status`` of ``tools/<name>.py``."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def _model_order(name: str) -> tuple:
