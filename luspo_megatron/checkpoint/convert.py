@@ -437,7 +437,7 @@ def official_config(config: dict[str, Any], dtype: torch.dtype | None) -> dict[s
     """``config.json`` with the official Qwen key names: ``num_experts`` (transformers 5 writes
     ``num_local_experts``), top-level ``rope_theta`` (transformers 5 nests it in
     ``rope_parameters``) and ``torch_dtype`` (transformers 5: ``dtype``), which transformers 4
-    and 5, SGLang and vLLM all read."""
+    and 5, SGLang and vLLM all read. ``dtype``: the dtype of the written weights, if one."""
     out = dict(config)
     if "num_local_experts" in out:
         out.setdefault("num_experts", out.pop("num_local_experts"))
@@ -559,7 +559,9 @@ def convert_megatron_to_hf(
         write_index(tmp, shards, names)
         if plan.asset_dir is not None:
             _copy_assets(plan.asset_dir, tmp, include_config=False)
-        (tmp / "config.json").write_text(json.dumps(official_config(plan.config, dtype), indent=2) + "\n")
+        written = {spec.dtype for spec in specs}
+        config = official_config(plan.config, written.pop() if len(written) == 1 else None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         atomic.commit_dir(tmp, plan.save)
     _barrier()
     return {"tensors": len(specs), "files": len(shards), "bytes": sum(s.nbytes for s in specs),

@@ -251,12 +251,17 @@ def _walk(tree: Any, path: tuple = ()):
         yield path, tree
 
 
-def _saved_adam_step(saved_optimizer: Any) -> float | None:
+# Where the Adam step count lives: ``step`` in the distributed optimizer's param groups,
+# ``common_step`` in megatron's regular optimizer state (one count shared by all parameters).
+STEP_KEYS = ("step", "common_step")
+
+
+def _saved_adam_step(saved_optimizer: Any) -> torch.Tensor | None:
     """The one Adam step count recorded anywhere in the saved optimizer's common part."""
-    steps = {float(v) for path, v in _walk(saved_optimizer) if path and path[-1] == "step" and v is not None}
+    steps = {float(v) for path, v in _walk(saved_optimizer) if path and path[-1] in STEP_KEYS and v is not None}
     if len(steps) > 1:
         raise CheckpointError(f"optimizer: the checkpoint holds several Adam step counts {sorted(steps)}")
-    return steps.pop() if steps else None
+    return torch.tensor(steps.pop(), dtype=torch.float32) if steps else None
 
 
 def _sharded_paths(tree: Any) -> dict[tuple, Any]:
@@ -266,19 +271,26 @@ def _sharded_paths(tree: Any) -> dict[tuple, Any]:
     return {path: leaf for path, leaf in _walk(tree) if isinstance(leaf, ShardedBase)}
 
 
-def _bridged_optimizer_state(template: Any, loaded: dict[tuple, Any], step: float | None) -> Any:
+def _bridged_optimizer_state(template: Any, loaded: dict[tuple, Any], step: torch.Tensor | None) -> Any:
     """``template`` (the current optimizer's sharded state dict: its structure and param groups)
-    with each sharded leaf replaced by the tensor loaded for it and every Adam ``step`` set to the
-    saved count."""
+    with each sharded leaf replaced by the tensor loaded for it and the saved Adam step count
+    wherever the optimizer keeps one."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
     def rebuild(node: Any, path: tuple) -> Any:
         if isinstance(node, dict):
-            return {k: rebuild(v, path + (k,)) for k, v in node.items()}
+            out = {k: rebuild(v, path + (k,)) for k, v in node.items()}
+            if step is not None and "param_groups" in out and isinstance(out.get("state"), dict):
+                out["state"]["common_step"] = step.clone()  # a regular optimizer's torch state dict
+            return out
         if isinstance(node, list):
             return [rebuild(v, path + (i,)) for i, v in enumerate(node)]
         if path in loaded:
             return loaded[path]
-        if path and path[-1] == "step" and step is not None:
-            return torch.tensor(step, dtype=node.dtype) if torch.is_tensor(node) else type(node)(step)
+        if isinstance(node, LocalNonpersistentObject):  # what dist_checkpointing.load would put there
+            node = node.unwrap()
+        if path and path[-1] in STEP_KEYS and step is not None:
+            return step.clone().to(node.dtype) if torch.is_tensor(node) else type(node)(step.item())
         return node
 
     return rebuild(template, ())
@@ -357,7 +369,7 @@ def load_checkpoint(
                 optimizer.load_state_dict(_bridged_optimizer_state(opt_request, tensors, step_count))
                 _warn(rank0, f"optimizer restructured for this layout (saved ep={then['ep']}, now ep={now['ep']}): "
                              f"Adam moments and main params loaded per parameter, param groups rebuilt, "
-                             f"step count {step_count}")
+                             f"step count {None if step_count is None else int(step_count)}")
     elif optimizer is not None:
         optimizer.reload_model_params()  # main (fp32) params from the loaded weights
     if scheduler is not None and "scheduler" in common:

@@ -3,6 +3,9 @@ official config.json, transformers loading, streaming, and logits parity with tr
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,48 @@ def test_tools_report_progress_and_verification(converted):
     _, _, output = converted
     assert "HF -> Megatron (rank 0 of 2)" in output  # the progress bar (qwen3 ran with it)
     assert "24 tensors match the source checksums" in output
+
+
+@pytest.mark.slow
+def test_tools_convert_in_one_process_without_torchrun(tmp_path):
+    from luspo_megatron.models import tiny_qwen3
+    from tests.checkpoint.helpers import TOOLS, write_hf_dir
+
+    source = write_hf_dir(tiny_qwen3(vocab_size=256), tmp_path / "hf", shards=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for argv in (["convert_hf_to_megatron.py", "--hf-dir", tmp_path / "hf", "--save", tmp_path / "megatron"],
+                 ["convert_megatron_to_hf.py", "--load", tmp_path / "megatron", "--save", tmp_path / "back"]):
+        proc = subprocess.run([sys.executable, str(TOOLS / argv[0]), *map(str, argv[1:]), "--no-progress"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "on 1 rank(s)" in proc.stdout
+    back = read_tensors(tmp_path / "back")
+    assert sorted(back) == sorted(source) and all(torch.equal(back[n], t) for n, t in source.items())
+
+
+@pytest.mark.slow
+def test_conversion_killed_mid_write_leaves_no_output_that_looks_complete(tmp_path):
+    from luspo_megatron.models import tiny_qwen3
+    from tests.checkpoint.helpers import TOOLS, write_hf_dir
+
+    write_hf_dir(tiny_qwen3(vocab_size=256), tmp_path / "hf", shards=2)
+    argv = ["--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "megatron"), "--no-progress"]
+    crash = (  # SIGKILL itself once the second tensor is being written
+        "import os, signal, sys, runpy\n"
+        "from luspo_megatron.checkpoint import dist_save\n"
+        "original, count = dist_save._write_item, [0]\n"
+        "def write_item(*a, **k):\n"
+        "    count[0] += 1\n"
+        "    if count[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return original(*a, **k)\n"
+        "dist_save._write_item = write_item\n"
+        f"sys.argv = {[str(TOOLS / 'convert_hf_to_megatron.py'), *argv]!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", crash], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not (tmp_path / "megatron").exists() and (tmp_path / "megatron.tmp").is_dir()
+    proc = subprocess.run([sys.executable, str(TOOLS / "convert_hf_to_megatron.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "megatron" / "metadata.json").is_file() and not (tmp_path / "megatron.tmp").exists()

@@ -1,5 +1,6 @@
-"""Training checkpoints with a real Megatron training loop (2 gloo ranks): exact resume in the same
-layout, resume in another layout (tp2 -> ep2), and a save killed mid-write."""
+"""Training checkpoints with a real Megatron training loop (gloo ranks): exact resume in the same
+layout, resume in another layout (tp2 -> ep2; slow: ep2 -> tp2, tp2×ep2 on 4 ranks -> 1 process,
+megatron's regular optimizer), a save killed mid-write, and the export of a training checkpoint."""
 
 import os
 import subprocess
@@ -15,22 +16,35 @@ from tests.distributed import ROOT, torchrun
 WORKER = Path(__file__).with_name("train_worker.py")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """tp2: runs A/B/C, then SIGKILLs rank 0 mid-save of step 6. Then ep2 resumes the same directory."""
+# (saving layout, processes) -> (resuming layout, processes). The first runs in `make test`.
+LAYOUT_CHANGES = [
+    pytest.param((["--tp", "2"], 2, ["--ep", "2"], 2), id="tp2-to-ep2"),
+    pytest.param((["--ep", "2"], 2, ["--tp", "2"], 2), id="ep2-to-tp2", marks=pytest.mark.slow),
+    pytest.param((["--tp", "2", "--ep", "2"], 4, [], 1), id="tp2xep2-to-one-process", marks=pytest.mark.slow),
+    pytest.param((["--tp", "2", "--no-distributed-optimizer"], 2, ["--ep", "2", "--no-distributed-optimizer"], 2),
+                 id="regular-optimizer-tp2-to-ep2", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module", params=LAYOUT_CHANGES)
+def runs(request, tmp_path_factory):
+    """The saving layout runs A/B/C, then SIGKILLs rank 0 mid-save of step 6; the other layout
+    resumes the same directory."""
+    save_args, save_procs, load_args, load_procs = request.param
     work = tmp_path_factory.mktemp("train")
     ckpt = work / "ckpt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     crashed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-         "--mode", "suite", "--tp", "2", "--ckpt", str(ckpt), "--out", str(work / "suite.pt")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={save_procs}",
+         str(WORKER), "--mode", "suite", *save_args, "--ckpt", str(ckpt), "--out", str(work / "suite.pt")],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if not (work / "suite.pt").exists():
         raise AssertionError(f"suite failed before its crash point:\n{(crashed.stdout + crashed.stderr)[-6000:]}")
     after_crash = sorted(p.name for p in ckpt.iterdir())
     latest_after_crash = atomic.read_latest(ckpt)
-    torchrun(WORKER, 2, ["--mode", "resume", "--ep", "2", "--ckpt", str(ckpt), "--out", str(work / "resume.pt")])
+    torchrun(WORKER, load_procs,
+             ["--mode", "resume", *load_args, "--ckpt", str(ckpt), "--out", str(work / "resume.pt")])
     return {
         "suite": torch.load(work / "suite.pt", weights_only=False),
         "resume": torch.load(work / "resume.pt", weights_only=False),
@@ -57,7 +71,8 @@ def test_resume_in_the_same_layout_is_bit_identical(runs):
 def test_resume_restores_every_rank_rng_states(runs):
     suite = runs["suite"]
     assert suite["C"]["rng"] == suite["rng_after_3"]  # python, numpy, torch, megatron tracker, per rank
-    assert suite["rng_after_3"][0][3] != suite["rng_after_3"][1][3]  # the ranks' tracker states differ
+    if suite["layout"][0] > 1:  # tensor-parallel ranks: their tracker states differ, each got its own
+        assert suite["rng_after_3"][0][3] != suite["rng_after_3"][1][3]
 
 
 def test_keep_last_prunes_older_checkpoints(runs):
@@ -76,11 +91,12 @@ def test_next_load_resumes_from_the_previous_complete_checkpoint_and_says_so(run
         assert (resumed["step"], resumed["path"], resumed["skipped"]) == (3, "iter_0000003", ["iter_0000006.tmp"])
 
 
-def test_resume_across_layouts_tp2_to_ep2_is_within_1e_5(runs):
+def test_resume_in_another_layout_is_within_1e_5(runs):
     uninterrupted = runs["suite"]["A"][3:]
     resumed = runs["resume"]["R"]
     assert resumed["optimizer_restored"] and not resumed["rng_restored"]  # RNG is per rank: layout changed
-    assert resumed["losses"][0] == uninterrupted[0]  # the weights reshard exactly
+    # the first step only sees the resharded weights: another layout's reduction order (~1e-7)
+    assert abs(resumed["losses"][0] - uninterrupted[0]) <= 1e-6 * abs(uninterrupted[0])
     for ours, theirs in zip(resumed["losses"], uninterrupted):
         assert abs(ours - theirs) <= 1e-5 * abs(theirs), (resumed["losses"], uninterrupted)
 

@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--no-distributed-optimizer", action="store_true", help="megatron's regular optimizer")
     args = parser.parse_args()
 
     cpu_compat.apply()
@@ -88,19 +89,20 @@ def main() -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     hf_config = tiny_qwen3_moe(vocab_size=128, num_hidden_layers=2, mlp_only_layers=[1])
     arch = arch_from_hf(hf_config)
+    distributed = not args.no_distributed_optimizer
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, expert_model_parallel_size=args.ep,
-                              use_distributed_optimizer=True)
+                              use_distributed_optimizer=distributed)
     tconfig = transformer_config(arch, parallel)
 
     def build(load_hf: bool):
         chunks = build_model(arch, tconfig, use_transformer_engine=False)
         if load_hf:
             load_hf_weights(chunks, arch, hf_live_to_disk(build_hf_model(hf_config, seed=7).state_dict()))
-        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True)
         model = [DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=c) for c in chunks]
         tconfig.finalize_model_grads_func = finalize_model_grads
         opt_config = OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0,
-                                     use_distributed_optimizer=True, params_dtype=torch.float32)
+                                     use_distributed_optimizer=distributed, params_dtype=torch.float32)
         optimizer = get_megatron_optimizer(opt_config, model)
         scheduler = OptimizerParamScheduler(optimizer, init_lr=3e-4, max_lr=3e-3, min_lr=3e-4,
                                             lr_warmup_steps=2, lr_decay_steps=8, lr_decay_style="cosine",
