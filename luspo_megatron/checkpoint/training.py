@@ -111,13 +111,23 @@ def _sub_optimizers(optimizer) -> list:
 
 def optimizer_structure(optimizer) -> list[dict[str, Any]]:
     """What must match for megatron's own optimizer load: the chained optimizers, their kinds and
-    param groups (expert or not)."""
+    their param groups as megatron identifies them (``param_group_identifier_keys``: lr / wd
+    multipliers, expert-parallel or not). The same on every rank (no per-rank parameter counts)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
     out = []
     for sub in _sub_optimizers(optimizer):
-        groups = [{"expert": bool(g.get("is_expert_parallel", False)), "params": len(g["params"])}
-                  for g in sub.optimizer.param_groups]
-        out.append({"kind": type(sub).__name__, "inner": type(sub.optimizer).__name__, "groups": groups})
+        groups = sorted({tuple(str(g.get(k)) for k in param_group_identifier_keys) for g in sub.optimizer.param_groups})
+        out.append({"kind": type(sub).__name__, "inner": type(sub.optimizer).__name__,
+                    "groups": [list(g) for g in groups]})
     return out
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is True on every rank (a decision all ranks must share)."""
+    value = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -334,7 +344,7 @@ def load_checkpoint(
         saved, current = meta["optimizer_structure"], optimizer_structure(optimizer)
         saved_kinds = sorted({(s["kind"], s["inner"]) for s in saved})
         current_kinds = sorted({(s["kind"], s["inner"]) for s in current})
-        if saved_kinds != current_kinds:
+        if not _agree(saved_kinds == current_kinds):
             _warn(rank0, f"optimizer state not restored: saved by {saved_kinds}, this run uses {current_kinds}; "
                          f"starting from a fresh optimizer state")
             restore_optimizer = False
@@ -343,7 +353,7 @@ def load_checkpoint(
                 if hasattr(sub, "_init_optimizer_states_with_dummy_values"):
                     sub._init_optimizer_states_with_dummy_values()  # idiom 5: lazily created Adam state
             opt_request = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
-            if saved == current:
+            if _agree(saved == current):
                 request["optimizer"] = opt_request
             else:
                 # Another structure (EP 1 <-> EP > 1): load the tensors by key under flat names, so
