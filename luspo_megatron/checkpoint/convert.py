@@ -106,6 +106,9 @@ def check_target(arch: QwenArch, target: TargetLayout) -> None:
     need(arch.num_query_groups % target.tp == 0, "--target-tp", target.tp,
          f"the {arch.num_query_groups} key/value heads")
     need(arch.vocab_size % target.tp == 0, "--target-tp", target.tp, f"vocab_size {arch.vocab_size}")
+    if not arch.is_moe or not all(arch.moe_layers):  # some dense MLP layers
+        need(arch.ffn_hidden_size % target.tp == 0, "--target-tp", target.tp,
+             f"intermediate_size {arch.ffn_hidden_size}")
     need(arch.num_layers % target.pp == 0, "--target-pp", target.pp, f"the {arch.num_layers} layers")
     if not arch.is_moe:
         if target.ep != 1:
@@ -297,11 +300,13 @@ def convert_hf_to_megatron(
             my_bytes += size
         seen += size
 
+    # Every slot's chunks on every rank, so that a layout that cannot be chunked fails everywhere,
+    # before anything collective.
+    slot_chunks = {s.name: s.chunks(target.expert_tp if s.expert else target.tp) for s in slots}
     state: dict[str, Any] = {}
     chunks = {}
     for slot in mine:
-        tp = target.expert_tp if slot.expert else target.tp
-        for i, chunk in enumerate(slot.chunks(tp)):
+        for i, chunk in enumerate(slot_chunks[slot.name]):
             data = torch.empty(chunk.shape, dtype=slot_dtype(slot.name), device="meta")
             state[f"{slot.name}#{i}"] = ShardedTensor.from_rank_offsets(
                 slot.key, data, *chunk.rank_offsets, replica_id=0, prepend_axis_num=len(slot.prepend_index))

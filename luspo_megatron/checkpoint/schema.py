@@ -104,12 +104,6 @@ class CheckpointSchema:
         """Checkpoint key -> global shape."""
         return {slot.key: slot.global_shape for slot in self.slots.values()}
 
-    def slots_of_key(self) -> dict[str, list[ParamSlot]]:
-        out: dict[str, list[ParamSlot]] = {}
-        for slot in self.slots.values():
-            out.setdefault(slot.key, []).append(slot)
-        return out
-
 
 def _sharded_tensors(entry) -> list:
     """The ShardedTensors behind one state-dict entry (a factory, e.g. SwiGLU's, builds several)."""
