@@ -349,11 +349,27 @@ class CheckpointConfig:
     save: str | None = opt(None, "--save", help="Checkpoint directory to save to.")
     save_interval: int | None = opt(None, "--save-interval", help="Save every N RL steps (and at the end).")
     keep_last: int | None = opt(None, "--keep-last", help="Keep only the newest N checkpoints.")
+    ckpt_step: int | None = opt(
+        None, "--ckpt-step", help="Resume from this step of --load instead of its `latest`."
+    )
+    pretrained_checkpoint: str | None = opt(
+        None, "--pretrained-checkpoint",
+        help="dist checkpoint (e.g. from tools/convert_hf_to_megatron.py) whose weights start the run "
+             "when --load has nothing to resume.",
+    )
+    no_load_optim: bool = opt(
+        False, "--no-load-optim", help="Resume without the optimizer state (fresh Adam moments).",
+        action="store_true",
+    )
+    no_load_rng: bool = opt(False, "--no-load-rng", help="Resume without the RNG states.", action="store_true")
 
     def __post_init__(self) -> None:
         for name in ("save_interval", "keep_last"):
             if getattr(self, name) is not None:
                 _positive(CheckpointConfig, self, name)
+        if self.ckpt_step is not None:
+            _check(isinstance(self.ckpt_step, int) and self.ckpt_step >= 0, CheckpointConfig, "ckpt_step",
+                   "a non-negative integer", self.ckpt_step)
 
 
 # ------------------------------------------------------------------------------------------- logging

@@ -11,8 +11,9 @@ ON-DISK names of ``save_pretrained`` / the released checkpoints (per-expert
 ``state_dict()`` (fused 3-D ``mlp.experts.gate_up_proj`` / ``down_proj``) into them.
 
 Streaming: :func:`tensor_plans` lists every Megatron tensor with the HF tensors it needs
-(``TensorPlan.hf``), in checkpoint order, so a converter can emit a Megatron tensor as soon as
-those few HF tensors (e.g. q, k, v of one layer) have been read, and never hold a whole model.
+(``TensorPlan.hf``), in checkpoint order; :meth:`TensorPlan.assemble` reads those HF tensors one
+at a time into the Megatron tensor, so a converter never holds more than one Megatron tensor and
+one HF tensor (not q, k and v together, and never a whole model).
 
 Layouts (Megatron side):
 - ``linear_qkv`` (weight and, on Qwen2.5, bias): per query group g, its q heads, then its k head,
@@ -120,14 +121,23 @@ FAMILY_RULES: dict[str, tuple[Rule, ...]] = {
 
 
 # ------------------------------------------------------------------------------------- transforms
-def _qkv_to_megatron(tensors: Sequence[torch.Tensor], arch: QwenArch) -> torch.Tensor:
-    q, k, v = tensors
+# HF -> Megatron transforms take LOADERS (zero-argument callables), not tensors: they allocate the
+# Megatron tensor, then read and place the HF tensors one at a time, so a streaming converter holds
+# the Megatron tensor plus one HF tensor, never q, k and v (or gate and up) at once.
+Loader = Callable[[], torch.Tensor]
+
+
+def _qkv_to_megatron(loaders: Sequence[Loader], arch: QwenArch) -> torch.Tensor:
     ng, hd = arch.num_query_groups, arch.head_dim
     per_group = arch.num_attention_heads // ng
+    q = loaders[0]()
     rest = q.shape[1:]
-    grouped = torch.cat(
-        [q.reshape(ng, per_group * hd, *rest), k.reshape(ng, hd, *rest), v.reshape(ng, hd, *rest)], dim=1
-    )
+    # [ng, per_group + 2, hd, ...]: per query group its q heads, then its k head, then its v head
+    grouped = q.new_empty((ng, per_group + 2, hd, *rest))
+    grouped[:, :per_group] = q.reshape(ng, per_group, hd, *rest)
+    del q
+    grouped[:, per_group] = loaders[1]().reshape(ng, hd, *rest)
+    grouped[:, per_group + 1] = loaders[2]().reshape(ng, hd, *rest)
     return grouped.reshape(ng * (per_group + 2) * hd, *rest)
 
 
@@ -140,16 +150,26 @@ def _qkv_to_hf(tensor: torch.Tensor, arch: QwenArch) -> list[torch.Tensor]:
     return [q.reshape(ng * per_group * hd, *rest), k.reshape(ng * hd, *rest), v.reshape(ng * hd, *rest)]
 
 
+def _gate_up_to_megatron(loaders: Sequence[Loader], arch: QwenArch) -> torch.Tensor:
+    gate = loaders[0]()
+    rows = gate.shape[0]
+    fused = gate.new_empty((2 * rows, *gate.shape[1:]))  # [gate; up], gate first
+    fused[:rows] = gate
+    del gate
+    fused[rows:] = loaders[1]()
+    return fused
+
+
 def _gate_up_to_hf(tensor: torch.Tensor, arch: QwenArch) -> list[torch.Tensor]:
     gate, up = tensor.chunk(2, dim=0)
     return [gate, up]
 
 
-# name -> (HF tensors -> Megatron tensor, Megatron tensor -> HF tensors in Rule.hf order)
+# name -> (HF loaders -> Megatron tensor, Megatron tensor -> HF tensors in Rule.hf order)
 TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
-    "copy": (lambda tensors, arch: tensors[0], lambda tensor, arch: [tensor]),
+    "copy": (lambda loaders, arch: loaders[0](), lambda tensor, arch: [tensor]),
     "qkv": (_qkv_to_megatron, _qkv_to_hf),
-    "gate_up": (lambda tensors, arch: torch.cat(list(tensors), dim=0), _gate_up_to_hf),
+    "gate_up": (_gate_up_to_megatron, _gate_up_to_hf),
 }
 
 
@@ -167,7 +187,12 @@ class TensorPlan:
 
     def to_megatron(self, hf_tensors: Sequence[torch.Tensor], arch: QwenArch) -> torch.Tensor:
         """The Megatron tensor from the HF tensors named in ``self.hf`` (in that order)."""
-        return TRANSFORMS[self.transform][0](list(hf_tensors), arch).contiguous()
+        return self.assemble(dict(zip(self.hf, hf_tensors)).__getitem__, arch)
+
+    def assemble(self, get: Callable[[str], torch.Tensor], arch: QwenArch) -> torch.Tensor:
+        """The Megatron tensor, reading each HF tensor with ``get(name)`` only when it is placed."""
+        loaders = [lambda name=name: get(name) for name in self.hf]
+        return TRANSFORMS[self.transform][0](loaders, arch).contiguous()
 
     def to_hf(self, tensor: torch.Tensor, arch: QwenArch) -> dict[str, torch.Tensor]:
         """HF name -> tensor, from the full Megatron tensor."""
@@ -238,7 +263,7 @@ def hf_to_megatron(hf: TensorSource, arch: QwenArch, naming: str = "local") -> I
     """Yield (global Megatron name, full tensor), reading each HF tensor only when needed."""
     get = tensor_getter(hf)
     for plan in tensor_plans(arch, naming):
-        yield plan.megatron, plan.to_megatron([get(name) for name in plan.hf], arch)
+        yield plan.megatron, plan.assemble(get, arch)
 
 
 def megatron_to_hf(megatron: TensorSource, arch: QwenArch, naming: str = "local") -> Iterator[tuple[str, torch.Tensor]]:

@@ -77,6 +77,13 @@ def validate_parallel(parallel: ParallelConfig, arch: QwenArch, world_size: int)
     if arch.num_experts % ep:
         raise ConfigError(f"{_flag('expert_model_parallel_size')}: expected a divisor of the "
                           f"{arch.num_experts} experts, got {ep}", field="expert_model_parallel_size")
+    if ep == 1 and etp < tp:
+        # Found by the checkpoint tests: the experts are then replicated over TP ranks that no
+        # gradient reduction covers (regular optimizer), and the replicas silently drift apart.
+        raise ConfigError(
+            f"{_flag('expert_tensor_parallel_size')}: with {_flag('expert_model_parallel_size')} 1 expected "
+            f"etp = tp = {tp} (replicated experts would not be reduced across TP), got {etp}",
+            field="expert_tensor_parallel_size")
     if arch.moe_ffn_hidden_size % etp:
         raise ConfigError(f"{_flag('expert_tensor_parallel_size')}: expected a divisor of "
                           f"moe_intermediate_size {arch.moe_ffn_hidden_size}, got {etp}",

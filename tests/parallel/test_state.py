@@ -70,3 +70,10 @@ def test_valid_layouts_pass():
                           (4, {"context_parallel_size": 2, "tensor_model_parallel_size": 2,
                                "expert_model_parallel_size": 2})]:
         validate_parallel(ParallelConfig(**layout), MOE, world)
+
+
+def test_expert_tp_below_tp_needs_expert_parallelism():
+    message = error_of(MOE, 2, tensor_model_parallel_size=2, expert_tensor_parallel_size=1)
+    assert "--expert-tensor-parallel-size" in message and "got 1" in message
+    validate_parallel(ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                     expert_tensor_parallel_size=1), MOE, 4)  # tp2×ep2 etp1 is fine

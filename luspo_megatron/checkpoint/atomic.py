@@ -1,0 +1,152 @@
+"""Crash-safe checkpoint directories: write to ``<name>.tmp``, rename when complete.
+
+Training checkpoints (``save_dir``)::
+
+    iter_0000003/         complete: renamed from iter_0000003.tmp after every rank finished
+    iter_0000006.tmp/     a save that never finished (crash, SIGKILL): skipped and reported
+    latest                the newest committed step, replaced atomically ("6\\n")
+
+A directory without the ``.tmp`` suffix is complete by construction: the rename is the commit, and
+POSIX ``rename`` of a directory is atomic. ``latest`` is written to a temporary file and
+``os.replace``-d, so it is always either the old or the new step. Both are fsync-ed (file, then
+parent directory) so a power loss cannot reorder them. Pure Python: no torch, no megatron.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from luspo_megatron.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+TMP_SUFFIX = ".tmp"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+_ITER_TMP = re.compile(r"^iter_(\d{7,})\.tmp$")
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished ``tmp`` directory to ``final``, replacing an existing ``final`` (moved
+    aside first, deleted after), so that at every instant ``final`` is either the old or the new
+    complete directory."""
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_latest(root: Path, step: int) -> None:
+    tmp = root / (LATEST + TMP_SUFFIX)
+    with open(tmp, "w") as file:
+        file.write(f"{step}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, root / LATEST)
+    fsync_dir(root)
+
+
+def complete_steps(root: Path) -> list[int]:
+    """Steps with a committed ``iter_XXXXXXX`` directory, ascending."""
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER.match(p.name)))
+
+
+def incomplete_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _ITER_TMP.match(p.name))
+
+
+def read_latest(root: Path) -> int | None:
+    file = root / LATEST
+    if not file.is_file():
+        return None
+    text = file.read_text().strip()
+    return int(text) if text.isdigit() else None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a load will use, and what it passed over on the way."""
+
+    step: int
+    path: Path
+    skipped: tuple[Path, ...] = ()  # incomplete .tmp directories, never loaded
+    notes: tuple[str, ...] = field(default=())  # one line each: what was skipped and why
+
+    def report(self) -> str:
+        return "; ".join((*self.notes, f"loading {self.path}"))
+
+
+def find_resume_point(root: str | Path, step: int | None = None) -> ResumePoint | None:
+    """The complete checkpoint to load from ``root``: ``step`` if given, else the one ``latest``
+    names, else (``latest`` missing or pointing at a deleted directory) the newest complete one.
+    None when ``root`` has no complete checkpoint and no step was asked for. Incomplete ``.tmp``
+    directories are never returned; they are listed in ``skipped``, with a note."""
+    root = Path(root)
+    complete = complete_steps(root)
+    skipped = tuple(incomplete_dirs(root))
+    notes = [f"skipping incomplete checkpoint {p.name} (a save that never finished)" for p in skipped]
+    if step is not None:
+        if step not in complete:
+            where = " (only an incomplete .tmp save exists)" if tmp_path(root / iter_name(step)) in skipped else ""
+            raise CheckpointError(f"--ckpt-step: no complete checkpoint for step {step} in {str(root)!r}{where}; "
+                                  f"complete steps: {complete}")
+        return ResumePoint(step, root / iter_name(step), skipped, tuple(notes))
+    if not complete:
+        return None
+    latest = read_latest(root)
+    chosen = complete[-1]
+    if latest is None:
+        notes.append(f"no readable '{LATEST}' file; using the newest complete checkpoint {iter_name(chosen)}")
+    elif latest in complete:
+        chosen = latest
+    else:
+        notes.append(f"'{LATEST}' names step {latest}, which has no complete checkpoint; "
+                     f"using the newest complete one, {iter_name(chosen)}")
+    return ResumePoint(chosen, root / iter_name(chosen), skipped, tuple(notes))
+
+
+def prune(root: Path, keep_last: int, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never step ``keep``), and the
+    incomplete saves of steps up to ``keep`` (abandoned by a crash). Returns what was deleted."""
+    removed = []
+    complete = complete_steps(root)
+    for step in complete[: max(len(complete) - keep_last, 0)]:
+        if step != keep:
+            removed.append(root / iter_name(step))
+    for path in incomplete_dirs(root):
+        if int(_ITER_TMP.match(path.name).group(1)) <= keep:
+            removed.append(path)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
