@@ -378,10 +378,13 @@ class LoggingConfig:
     log_dir: str = opt("runs/latest", "--log-dir", help="metrics.jsonl, TensorBoard events, samples and plots.")
     wandb_project: str | None = opt(None, "--wandb-project", help="Also log to wandb (when installed).")
     sample_interval: int = opt(10, "--sample-log-interval", help="Write a few samples every N steps.")
+    samples_per_step: int = opt(3, "--samples-per-step", help="Samples written per logged step; -1: all of them.")
     progress: bool = opt(True, "--no-progress", help="Disable the progress bar.", action="store_false")
 
     def __post_init__(self) -> None:
         _positive(LoggingConfig, self, "sample_interval")
+        _check(self.samples_per_step == -1 or self.samples_per_step >= 1, LoggingConfig, "samples_per_step",
+               "-1 or ≥ 1", self.samples_per_step)
 
 
 # ---------------------------------------------------------------------------------------------- root

@@ -83,7 +83,7 @@ class MetricsLogger:
 
 
 class SampleLogger:
-    """A few prompt / response / reward triples every N steps, to samples.jsonl."""
+    """A few prompt / response / reward triples every N steps, to samples.jsonl (``per_step=-1``: all)."""
 
     def __init__(self, log_dir: str | Path, every: int, per_step: int = 3) -> None:
         self.path = Path(log_dir) / "samples.jsonl"
@@ -95,7 +95,7 @@ class SampleLogger:
             return
         with self.path.open("a") as f:
             for i, sample in enumerate(samples):
-                if i >= self.per_step:
+                if 0 <= self.per_step <= i:
                     break
                 f.write(json.dumps({"step": step, **sample}) + "\n")
 

@@ -125,6 +125,7 @@ class Trainer:
         self.stop_requested = False
         self.consecutive_skips = 0
         self.step = 0
+        self._saved_step = -1
         self._stack = contextlib.ExitStack()
 
     # ---------------------------------------------------------------------------------- set-up
@@ -152,10 +153,19 @@ class Trainer:
         self.layout = self.policy.layout
         self.loss_config = cfg.algorithm.loss_config(max_response_len=cfg.rollout.max_response_len)
         resumed = self._maybe_load()
+        # The policy RL starts from: the initial model, or what the SFT warm-up made of it.
+        self.start_hf_dir = Path(self.resume_state.get("start_hf_dir") or self.run_assets.hf_dir)
         if cfg.sft_warmup_steps and not resumed:
             self._sft_warmup()
-        if cfg.algorithm.kl_coef > 0 or cfg.algorithm.log_ref_kl:
-            self.policy.snapshot_reference()  # the policy RL starts from (after any SFT warm-up)
+            self.start_hf_dir = self.log_dir / "assets" / "hf_after_sft"
+            self._write_hf(self.start_hf_dir)
+        if self.policy.reference is None and (cfg.algorithm.kl_coef > 0 or cfg.algorithm.log_ref_kl):
+            from luspo_megatron.models.weights import hf_safetensors_source
+
+            if not (self.start_hf_dir / "config.json").is_file():
+                raise UserError(f"--load: the reference model's weights {self.start_hf_dir} are gone; "
+                                "the KL reference is the policy RL started from")
+            self.policy.load_reference(hf_safetensors_source(self.start_hf_dir))
         self._install_signal_handlers()
         if self.is_rank0:
             self._setup_rank0(resumed)
@@ -203,7 +213,7 @@ class Trainer:
         self.metrics_log = MetricsLogger(self.log_dir, resume_step=self.step if resumed else 0,
                                          wandb_project=cfg.logging.wandb_project, run_config=cfg.to_dict())
         self._stack.callback(self.metrics_log.close)
-        self.samples_log = SampleLogger(self.log_dir, cfg.logging.sample_interval)
+        self.samples_log = SampleLogger(self.log_dir, cfg.logging.sample_interval, cfg.logging.samples_per_step)
         self.progress = Progress(cfg.train_iters, start=self.step, enabled=cfg.logging.progress)
         self._stack.callback(self.progress.close)
 
@@ -246,60 +256,66 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     def _maybe_load(self) -> bool:
-        self.resume_state: dict[str, Any] = {}
-        if not self.config.checkpoint.load:
-            return False
-        from luspo_megatron.checkpoint.training import load_checkpoint
+        """Resume from ``--load`` (model, optimizer, scheduler, RNG, data order, step), or start
+        from ``--pretrained-checkpoint`` (model weights only). True when a run was resumed."""
+        from luspo_megatron.checkpoint import load_checkpoint, load_model_weights
 
-        loaded = load_checkpoint(self.config.checkpoint.load, self.policy)
-        if loaded is None:
+        cfg = self.config.checkpoint
+        self.resume_state: dict[str, Any] = {}
+        self._weights_differ_from_assets = False
+        resumed = None
+        if cfg.load:
+            resumed = load_checkpoint(cfg.load, self.policy.model, self.policy.optimizer, self.policy.scheduler,
+                                      step=cfg.ckpt_step, load_optimizer=not cfg.no_load_optim,
+                                      load_rng=not cfg.no_load_rng)
+        if resumed is None:
+            if cfg.pretrained_checkpoint:
+                load_model_weights(cfg.pretrained_checkpoint, self.policy.model)
+                self.policy.optimizer.reload_model_params()  # the optimizer's fp32 main params follow
+                self._weights_differ_from_assets = True
             return False
-        self.step, self.resume_state = loaded
+        self.step, self.resume_state = resumed.step, dict(resumed.extra_state or {})
+        self._weights_differ_from_assets = True
         if self.resume_state.get("run_assets_fingerprint") not in (None, self.run_assets.fingerprint):
-            logger.warning("resuming with different run assets (tokenizer/model config) than the checkpoint")
+            logger.warning("resuming with a different initial model/tokenizer than the checkpoint was trained from")
+        logger.info("resumed from %s at step %d", resumed.path, self.step)
         return True
 
     def _save(self) -> None:
         if not self.config.checkpoint.save:
             return
-        from luspo_megatron.checkpoint.training import save_checkpoint
+        from luspo_megatron.checkpoint import save_checkpoint
 
         state = {"data": self.prompts.state_dict() if self.is_rank0 else None,
-                 "run_assets_fingerprint": self.run_assets.fingerprint}
+                 "run_assets_fingerprint": self.run_assets.fingerprint, "start_hf_dir": str(self.start_hf_dir)}
         state = _broadcast_object(state)
-        save_checkpoint(self.config.checkpoint.save, self.step, self.policy, state,
-                        keep_last=self.config.checkpoint.keep_last)
+        hf_config = json.loads((self.run_assets.hf_dir / "config.json").read_text())
+        save_checkpoint(self.config.checkpoint.save, self.step, self.policy.model, self.policy.optimizer,
+                        self.policy.scheduler, extra_state=state, keep_last=self.config.checkpoint.keep_last,
+                        hf_config=hf_config)
+        self._saved_step = self.step
 
     # -------------------------------------------------------------------------------- the loop
     def run(self) -> list[dict[str, float]]:
-        """Set up, run ``train_iters`` RL steps (or resume up to it), save, and tear down."""
+        """Set up, run ``train_iters`` RL steps (or resume up to it), save, and tear down. On
+        SIGTERM / SIGINT the current step finishes, a checkpoint is saved and the run ends."""
         history: list[dict[str, float]] = []
         with self._stack:
             self.setup()
+            interval = self.config.checkpoint.save_interval
             while self.step < self.config.train_iters:
                 if _any_rank(self.stop_requested):
                     logger.warning("stopping at step %d on request", self.step)
                     break
                 self.step += 1
-                metrics = self.train_one_step()
-                history.append(metrics)
-                if self._should_save():
+                history.append(self.train_one_step())
+                if interval and self.step % interval == 0:
                     self._save()
-            else:
-                if self.config.checkpoint.save and not self._just_saved:
-                    self._save()
-            if self.stop_requested and not self._just_saved:
+            if self._saved_step != self.step:  # the end of the run, or a requested stop
                 self._save()
             if self.is_rank0:
-                self._finish(history)
+                self._finish()
         return history
-
-    _just_saved = False
-
-    def _should_save(self) -> bool:
-        cfg = self.config.checkpoint
-        self._just_saved = bool(cfg.save and cfg.save_interval and self.step % cfg.save_interval == 0)
-        return self._just_saved
 
     def train_one_step(self) -> dict[str, float]:
         """One RL step (the module docstring's 1–9); returns its metrics on every rank."""
@@ -318,9 +334,10 @@ class Trainer:
         response_tokens = sum(len(s.response_ids) for s in batch.samples)
         all_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch.samples)
         metrics["rollout_tokens_per_s"] = response_tokens / max(seconds.get("rollout", 0.0), 1e-9)
-        metrics["train_tokens_per_s"] = all_tokens * self.optimizer_steps_per_rollout / max(
-            seconds.get("train", 0.0), 1e-9) / self.optimizer_steps_per_rollout
+        metrics["train_tokens_per_s"] = all_tokens / max(seconds.get("train", 0.0), 1e-9)
         metrics["tokens_per_s"] = all_tokens / metrics["time_step_s"]
+        if getattr(self, "local_engines", None) is not None:
+            metrics["rollout_engine_restarts"] = float(self.local_engines.restarts)
         if self.is_rank0:
             self.metrics_log.log(self.step, metrics)
             self.samples_log.maybe_log(self.step, self._sample_rows(batch))
@@ -462,25 +479,44 @@ class Trainer:
     def _sync_weights(self, initial: bool = False) -> None:
         """Export the policy's weights (a collective) and hand them to the engines (rank 0)."""
         cfg = self.config
-        if initial and self.step == 0 and not cfg.sft_warmup_steps:
+        if initial and not (cfg.sft_warmup_steps or self._weights_differ_from_assets):
             return  # the engines started from the very weights the policy loaded
-        state = self.policy.hf_state_dict()
-        if not self.is_rank0:
-            return
-        from luspo_megatron.rollout.weight_sync import write_hf_checkpoint
-        from luspo_megatron.rollout.weights import bucket_by_bytes
-
         version = str(self.step)
-        buckets = bucket_by_bytes(state.items(), cfg.rollout.update_weight_buffer_size)
         if cfg.rollout.weight_sync == "disk":
-            path = write_hf_checkpoint(buckets, self.log_dir / "rollout_weights", self.run_assets.hf_dir)
-            self.engine.update_weights(path, version)
+            path = self._write_hf(self.log_dir / "rollout_weights")
+            if self.is_rank0:
+                self.engine.update_weights(path, version)
             if getattr(self, "local_engines", None) is not None:
                 self.local_engines.set_weights(path, version)  # a restarted server loads these
-        elif cfg.rollout.weight_sync == "tensor":
+            return
+        buckets = self._weight_buckets()
+        if not self.is_rank0:
+            return
+        if cfg.rollout.weight_sync == "tensor":
             self.engine.update_weights_from_tensor(buckets, version)
         else:
             self.engine.update_weights_from_distributed(buckets, version)
+
+    def _weight_buckets(self):
+        """The policy's HF tensors in buckets of ``--update-weight-buffer-size`` bytes on rank 0
+        (None elsewhere); collective."""
+        from luspo_megatron.rollout.weights import bucket_by_bytes
+
+        state = self.policy.hf_state_dict()
+        if not self.is_rank0:
+            return None
+        return bucket_by_bytes(state.items(), self.config.rollout.update_weight_buffer_size)
+
+    def _write_hf(self, out_dir: Path) -> Path:
+        """Write the policy as a HF model directory (atomic; rank 0 writes, every rank calls)."""
+        from luspo_megatron.rollout.weight_sync import write_hf_checkpoint
+
+        buckets = self._weight_buckets()
+        if self.is_rank0:
+            write_hf_checkpoint(buckets, out_dir, self.run_assets.hf_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        return out_dir
 
     # ------------------------------------------------------------------------------- SFT warm-up
     def _sft_warmup(self) -> None:
@@ -525,13 +561,18 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- logging
     def _sample_rows(self, batch: RolloutBatch) -> list[dict[str, Any]]:
+        """Every sample of the step in order (the logger keeps the first ``--samples-per-step``),
+        spread over groups first so that a few rows show different prompts."""
         G = self.config.algorithm.n_samples_per_prompt
-        return [{"prompt": batch.prompts[i // G], "response": batch.texts[i] if batch.texts else None,
-                 "label": batch.labels[i], "reward": batch.rewards[i], "finish": batch.samples[i].finish,
-                 "response_len": len(batch.samples[i].response_ids)}
-                for i in range(0, len(batch.samples), max(1, G))]
+        order = sorted(range(len(batch.samples)), key=lambda i: (i % G, i))
+        if self.config.logging.samples_per_step == -1:
+            order = range(len(batch.samples))
+        return [{"index": i, "group": i // G, "prompt": batch.prompts[i // G], "response": batch.texts[i],
+                 "label": batch.labels[i], "reward": batch.rewards[i], "advantage": batch.advantages[i],
+                 "finish": batch.samples[i].finish, "response_len": len(batch.samples[i].response_ids)}
+                for i in order]
 
-    def _finish(self, history: list[dict[str, float]]) -> None:
+    def _finish(self) -> None:
         from rich.console import Console
 
         from luspo_megatron.logging import plot_runs, read_metrics, summary_table

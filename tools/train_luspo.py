@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
+    # megatron-core announces at import that it falls back from TE/Apex to torch (expected on CPU),
+    # once per module; keep stderr for what needs reading.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

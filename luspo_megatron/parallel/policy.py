@@ -77,7 +77,7 @@ class MegatronPolicy:
     use_transformer_engine: bool
     transformer_config: Any = None
     reference: list | None = None
-    """Frozen reference-model chunks for ``ref_logp`` (KL), built by :meth:`snapshot_reference`."""
+    """Frozen reference-model chunks for ``ref_logp`` (KL), built by :meth:`load_reference`."""
 
     @classmethod
     def from_config(cls, config: RunConfig, *, total_steps: int, hf_weights: TensorSource | None = None,
@@ -124,27 +124,22 @@ class MegatronPolicy:
             routing_replay=self.config.rollout.use_rollout_routing_replay,
         )
 
-    def snapshot_reference(self) -> None:
-        """Freeze a copy of the current weights as the reference model for ``ref_logp`` (KL).
-        Same layout, so each rank copies its own shards; never wrapped in DDP, never optimized.
-        Needs ``from_config(..., with_reference=True)``."""
-        from megatron.core.utils import unwrap_model
-
+    def load_reference(self, hf_weights: TensorSource) -> None:
+        """Load ``hf_weights`` (full HF tensors, each rank slices its part) into the frozen reference
+        model used for ``ref_logp`` (KL): never wrapped in DDP, never optimized. Needs
+        ``from_config(..., with_reference=True)``."""
         chunks = getattr(self, "_reference_chunks", None)
         if chunks is None:
-            raise RuntimeError("snapshot_reference needs MegatronPolicy.from_config(..., with_reference=True)")
-        with torch.no_grad():
-            for ref, live in zip(chunks, self.model):
-                live_params = dict(unwrap_model(live).named_parameters())
-                for name, param in ref.named_parameters():
-                    param.copy_(live_params[name])
-                    param.requires_grad_(False)
+            raise RuntimeError("load_reference needs MegatronPolicy.from_config(..., with_reference=True)")
+        load_hf_weights(chunks, self.arch, hf_weights, megatron_naming(self.use_transformer_engine))
+        for chunk in chunks:
+            chunk.requires_grad_(False)
         self.reference = chunks
 
     def compute_reference_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
-        """Forward-only token-aligned log-probs of the reference model (see :meth:`snapshot_reference`)."""
+        """Forward-only token-aligned log-probs of the reference model (see :meth:`load_reference`)."""
         if self.reference is None:
-            raise RuntimeError("compute_reference_logprobs needs snapshot_reference first")
+            raise RuntimeError("compute_reference_logprobs needs load_reference first")
         return train.compute_logprobs(
             self.reference, micro_batches, temperature=self.config.rollout.temperature,
             routing_replay=self.config.rollout.use_rollout_routing_replay,

@@ -20,6 +20,7 @@ class FaultConfig:
     drop_every: int = 0  # every m-th /generate has its connection closed without an answer
     abort_every: int = 0  # every m-th /generate returns HTTP 200 with finish_reason abort
     slow_s: float = 0.0  # every /generate waits this long before it is queued
+    exit_after: int = 0  # the server process dies (exit status 3) on the k-th /generate: a crash mid-rollout
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -57,9 +58,11 @@ class FaultInjector:
         return self.health_calls <= self.config.health_503_first
 
     def generate(self) -> str | None:
-        """"error_500", "drop", "abort" or None for the next /generate request."""
+        """"exit", "error_500", "drop", "abort" or None for the next /generate request."""
         self.generate_calls += 1
         n, c = self.generate_calls, self.config
+        if c.exit_after and n == c.exit_after:
+            return "exit"
         for kind, every in (("error_500", c.error_500_every), ("drop", c.drop_every), ("abort", c.abort_every)):
             if every and n % every == 0:
                 return kind

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 import uuid
@@ -240,6 +241,9 @@ class SGLangAPIServer:
     # ------------------------------------------------------------------------------- /generate
     async def generate(self, request: web.Request) -> web.StreamResponse:
         fault = self.faults.generate()
+        if fault == "exit":  # a hard crash: no answer, no clean-up, like a killed or OOM'd server
+            log.error("injected fault: exiting")
+            os._exit(3)
         if self.faults.config.slow_s:
             await asyncio.sleep(self.faults.config.slow_s)
         if fault == "error_500":
