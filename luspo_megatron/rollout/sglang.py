@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import random
 import threading
@@ -40,6 +41,7 @@ from luspo_megatron.rollout import protocol, weight_sync
 from luspo_megatron.rollout.engine import FINISH_ABORT, Sample, SamplingParams
 from luspo_megatron.rollout.router import RouterClient
 
+log = logging.getLogger("luspo_megatron.rollout")
 Bucket = list[tuple[str, torch.Tensor]]
 _RETRY_STATUS = (408, 429)
 
@@ -79,6 +81,7 @@ class SGLangEngine:
         self.backoff_s, self.max_backoff_s, self.health_poll_s = backoff_s, max_backoff_s, health_poll_s
         self.flush_retries, self.flush_retry_s, self.routed_layout = flush_retries, flush_retry_s, routed_layout
         self.weight_sync = weight_sync
+        self.retries = 0  # failed attempts that were retried, over the engine's life (observability)
         self.router_url = router_url.rstrip("/") if router_url else None
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._group: weight_sync.UpdateGroup | None = None
@@ -190,6 +193,9 @@ class SGLangEngine:
                         f"{server.url}/generate failed for prompt {index}: {reason} "
                         f"(after {attempt + 1} attempts)"
                     ) from None
+                self.retries += 1
+                log.warning("%s/generate, prompt %d: %s; retry %d/%d", server.url, index, reason, attempt + 1,
+                            self.max_retries)
             finally:
                 server.in_flight -= 1
             delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
