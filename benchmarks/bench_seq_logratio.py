@@ -1,0 +1,203 @@
+"""CPU benchmark of the fused sequence log-ratio + policy loss (csrc/) against the eager reference.
+
+For every (T tokens, B sequences) it times ``policy_loss(...)`` + ``loss.backward()`` (what the last
+pipeline stage runs per micro-batch, metrics included) on both backends in the same run, and measures
+the peak extra memory of one forward+backward.
+
+Memory: torch's CPU tensors come from its own allocator (malloc / mmap), which ``tracemalloc`` never
+sees. Each (backend, T, B) runs in a fresh subprocess instead: inputs are built, one warm-up call runs on
+the same shapes, then the kernel's peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``), the call
+runs, and peak extra = VmHWM − VmRSS-before. glibc's dynamic mmap threshold is pinned
+(MALLOC_MMAP_THRESHOLD_=64 KiB, MALLOC_TRIM_THRESHOLD_=0) so that every token-sized temporary is a
+fresh mapping returned on free, i.e. RSS tracks live memory instead of heap reuse hiding it. The result
+counts everything the call touches, including the gradient it returns; it is also given in "token
+arrays" (T × 4 bytes, one float32 array of the packed length).
+
+    python benchmarks/bench_seq_logratio.py [--quick] [--threads N] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OPTIONS = {
+    "plain": {},
+    "tis+kl": {"use_tis": True, "tis_level": "token", "tis_clip": 2.0, "kl_coef": 0.01, "kl_type": "k3"},
+}
+
+
+def make_inputs(total_tokens: int, num_seqs: int, seed: int = 0):
+    """Packed float32 batch: B sequences of random length (0.5–1.5 × T/B, 20 % prompt), exactly T tokens."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    weights = 0.5 + torch.rand(num_seqs, generator=gen, dtype=torch.float64)
+    lengths = (weights / weights.sum() * total_tokens).floor().long()
+    lengths[-1] += total_tokens - int(lengths.sum())
+    cu = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    starts = cu[:-1].long().repeat_interleave(lengths)
+    position = torch.arange(total_tokens) - starts
+    prompt = (lengths // 5).repeat_interleave(lengths)
+    mask = (position >= prompt).float()
+    logp = -torch.rand(total_tokens, generator=gen) * 3
+    old = logp + torch.randn(total_tokens, generator=gen) * 1e-2
+    return {
+        "logp": logp,
+        "old_logp": old,
+        "rollout_logp": old + torch.randn(total_tokens, generator=gen) * 0.1,
+        "ref_logp": logp + torch.randn(total_tokens, generator=gen) * 0.1,
+        "loss_mask": mask,
+        "cu_seqlens": cu,
+        "advantages": torch.randn(num_seqs, generator=gen),
+    }
+
+
+def run_once(inputs, name: str, option: str, grad_mode: str | None = None):
+    """One forward + backward of policy_loss; returns the metrics (so nothing is optimised away)."""
+    from luspo_megatron.algorithms.losses import LossConfig, policy_loss
+    from luspo_megatron.ops import fused_policy_loss
+
+    fused_policy_loss.DEFAULT_GRAD_MODE = grad_mode or "store"
+    cfg = LossConfig(name=name, **OPTIONS[option])
+    logp = inputs["logp"].detach().requires_grad_(True)
+    loss, metrics = policy_loss(
+        logp, inputs["old_logp"], inputs["advantages"], inputs["loss_mask"], inputs["cu_seqlens"], cfg,
+        num_sequences=inputs["advantages"].numel(), rollout_logp=inputs["rollout_logp"], ref_logp=inputs["ref_logp"],
+    )
+    loss.backward()
+    return metrics
+
+
+def _set_backend(which: str) -> None:
+    if which == "reference":
+        os.environ["LUSPO_FORCE_REFERENCE"] = "1"
+    else:
+        os.environ.pop("LUSPO_FORCE_REFERENCE", None)
+
+
+def time_case(which: str, inputs, name: str, option: str, repeats: int, grad_mode: str | None = None) -> list[float]:
+    from luspo_megatron.ops import backend
+
+    _set_backend(which)
+    assert backend() == ("reference" if which == "reference" else "cpp"), backend()
+    run_once(inputs, name, option, grad_mode)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_once(inputs, name, option, grad_mode)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ---- memory: one measurement per fresh subprocess ----------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(which: str, total_tokens: int, num_seqs: int, name: str, option: str, grad_mode: str | None) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    _set_backend(which)
+    inputs = make_inputs(total_tokens, num_seqs)
+    run_once(inputs, name, option, grad_mode)  # warm-up: lazy initialisation is not the op's memory
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    run_once(inputs, name, option, grad_mode)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"extra_bytes": (peak - before) * 1024}))
+
+
+def measure_memory(which: str, total_tokens: int, num_seqs: int, name: str, option: str,
+                   grad_mode: str | None = None) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--memory-child", which, str(total_tokens), str(num_seqs), name, option,
+           grad_mode or "default"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["extra_bytes"]
+
+
+# ---- tables ---------------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="luspo only, fewer repeats (make bench)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        which, total, seqs, name, option, mode = args.memory_child
+        memory_child(which, int(total), int(seqs), name, option, None if mode == "default" else mode)
+        return
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 7)
+    sizes = [(10**4, 64), (10**4, 1024), (10**5, 64), (10**5, 1024), (10**6, 64), (10**6, 1024)]
+    cases = [("luspo", "plain")] if args.quick else [("luspo", "plain"), ("luspo", "tis+kl"), ("grpo", "plain"),
+                                                     ("grpo", "tis+kl")]
+    print(f"# bench_seq_logratio  {date.today()}  {platform.processor() or platform.machine()}  "
+          f"torch {torch.__version__}  threads={args.threads}  repeats={repeats}  float32")
+    print("# time: policy_loss forward + backward (metrics included), min / median over repeats, ms")
+    print("# memory: peak extra RSS of one forward+backward in a fresh process; 'arrays' = MiB / (T × 4 B)")
+    header = ("| loss | options | T | B | eager min | eager median | cpp min | cpp median | speed-up (median) "
+              "| eager peak MiB (arrays) | cpp peak MiB (arrays) |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name, option in cases:
+        for total, seqs in sizes:
+            inputs = make_inputs(total, seqs)
+            eager = time_case("reference", inputs, name, option, repeats)
+            fused = time_case("cpp", inputs, name, option, repeats)
+            mem = {w: measure_memory(w, total, seqs, name, option) for w in ("reference", "cpp")}
+            array = total * 4
+            print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(min(eager))} | {_ms(statistics.median(eager))} "
+                  f"| {_ms(min(fused))} | {_ms(statistics.median(fused))} "
+                  f"| {statistics.median(eager) / statistics.median(fused):.1f}x "
+                  f"| {mem['reference'] / 2**20:.1f} ({mem['reference'] / array:.1f}) "
+                  f"| {mem['cpp'] / 2**20:.1f} ({mem['cpp'] / array:.1f}) |", flush=True)
+
+    if not args.quick:
+        print("\n# backward: stored gradient (forward writes ∂L/∂logp) vs recomputed (phase 2 again in backward)")
+        print("| loss | options | T | B | store fwd+bwd median ms | recompute fwd+bwd median ms "
+              "| store peak MiB (arrays) | recompute peak MiB (arrays) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, option in [("luspo", "plain"), ("grpo", "tis+kl")]:
+            total, seqs = 10**6, 64
+            inputs = make_inputs(total, seqs)
+            t = {m: statistics.median(time_case("cpp", inputs, name, option, repeats, m))
+                 for m in ("store", "recompute")}
+            mem = {m: measure_memory("cpp", total, seqs, name, option, m) for m in ("store", "recompute")}
+            print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(t['store'])} | {_ms(t['recompute'])} "
+                  f"| {mem['store'] / 2**20:.1f} ({mem['store'] / total / 4:.1f}) "
+                  f"| {mem['recompute'] / 2**20:.1f} ({mem['recompute'] / total / 4:.1f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
