@@ -4,14 +4,19 @@ For every (T tokens, B sequences) it times ``policy_loss(...)`` + ``loss.backwar
 pipeline stage runs per micro-batch, metrics included) on both backends in the same run, and measures
 the peak extra memory of one forward+backward.
 
-Memory: torch's CPU tensors come from its own allocator (malloc / mmap), which ``tracemalloc`` never
-sees. Each (backend, T, B) runs in a fresh subprocess instead: inputs are built, one warm-up call runs on
-the same shapes, then the kernel's peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``), the call
-runs, and peak extra = VmHWM − VmRSS-before. glibc's dynamic mmap threshold is pinned
-(MALLOC_MMAP_THRESHOLD_=64 KiB, MALLOC_TRIM_THRESHOLD_=0) so that every token-sized temporary is a
-fresh mapping returned on free, i.e. RSS tracks live memory instead of heap reuse hiding it. The result
-counts everything the call touches, including the gradient it returns; it is also given in "token
-arrays" (T × 4 bytes, one float32 array of the packed length).
+Memory, two ways, both including the gradient the call returns, both also given in "token arrays"
+(T × 4 bytes, one float32 array of the packed length). ``tracemalloc`` would see neither: torch's CPU
+tensors come from its own allocator (malloc / mmap), not from Python's.
+  * alloc: torch's profiler with ``profile_memory=True`` records every allocation and free of torch's
+    CPU allocator; the running sum over one forward+backward, in time order, peaks at the number given.
+    Exact for tensors; blind to memory a kernel takes with plain malloc (ours: 56 KiB per thread).
+  * RSS: each (backend, T, B) in a fresh subprocess: inputs built, one warm-up call on the same shapes,
+    then the kernel's peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``), the call runs, and
+    peak extra = VmHWM − VmRSS-before. glibc's dynamic mmap threshold is pinned
+    (MALLOC_MMAP_THRESHOLD_=64 KiB, MALLOC_TRIM_THRESHOLD_=0) so that every token-sized temporary is a
+    fresh mapping returned on free, i.e. RSS tracks live memory instead of heap reuse hiding it. Sees
+    everything, but Linux updates a thread's RSS counter in steps of 64 pages, so below ~0.5 MiB (T ≲ 1e5)
+    it is coarse; the alloc column is the precise one there.
 
     python benchmarks/bench_seq_logratio.py [--quick] [--threads N] [--repeats N]
 """
@@ -19,6 +24,7 @@ arrays" (T × 4 bytes, one float32 array of the packed length).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -73,9 +79,12 @@ def run_once(inputs, name: str, option: str, grad_mode: str | None = None):
     fused_policy_loss.DEFAULT_GRAD_MODE = grad_mode or "store"
     cfg = LossConfig(name=name, **OPTIONS[option])
     logp = inputs["logp"].detach().requires_grad_(True)
+    # As the trainer calls it: rollout log-probs only with TIS, reference log-probs only with a KL term.
     loss, metrics = policy_loss(
         logp, inputs["old_logp"], inputs["advantages"], inputs["loss_mask"], inputs["cu_seqlens"], cfg,
-        num_sequences=inputs["advantages"].numel(), rollout_logp=inputs["rollout_logp"], ref_logp=inputs["ref_logp"],
+        num_sequences=inputs["advantages"].numel(),
+        rollout_logp=inputs["rollout_logp"] if cfg.use_tis else None,
+        ref_logp=inputs["ref_logp"] if cfg.kl_coef > 0 else None,
     )
     loss.backward()
     return metrics
@@ -95,14 +104,35 @@ def time_case(which: str, inputs, name: str, option: str, repeats: int, grad_mod
     assert backend() == ("reference" if which == "reference" else "cpp"), backend()
     run_once(inputs, name, option, grad_mode)  # warm-up
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_once(inputs, name, option, grad_mode)
-        times.append(time.perf_counter() - t0)
+    gc.disable()  # as timeit does: a cyclic-GC pass of the whole interpreter is not the op's time
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run_once(inputs, name, option, grad_mode)
+            times.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
     return times
 
 
-# ---- memory: one measurement per fresh subprocess ----------------------------------------------------------
+# ---- memory ----------------------------------------------------------------------------------------------------
+
+
+def allocator_peak(which: str, inputs, name: str, option: str, grad_mode: str | None = None) -> int:
+    """Peak of torch's CPU allocator (live bytes above the start) over one forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _set_backend(which)
+    run_once(inputs, name, option, grad_mode)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_once(inputs, name, option, grad_mode)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
 
 
 def _status_kib(field: str) -> int:
@@ -138,6 +168,13 @@ def measure_memory(which: str, total_tokens: int, num_seqs: int, name: str, opti
 # ---- tables ---------------------------------------------------------------------------------------------------
 
 
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    return platform.machine()
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
@@ -162,12 +199,15 @@ def main() -> None:
     sizes = [(10**4, 64), (10**4, 1024), (10**5, 64), (10**5, 1024), (10**6, 64), (10**6, 1024)]
     cases = [("luspo", "plain")] if args.quick else [("luspo", "plain"), ("luspo", "tis+kl"), ("grpo", "plain"),
                                                      ("grpo", "tis+kl")]
-    print(f"# bench_seq_logratio  {date.today()}  {platform.processor() or platform.machine()}  "
-          f"torch {torch.__version__}  threads={args.threads}  repeats={repeats}  float32")
+    import luspo_megatron._C as ext
+
+    print(f"# bench_seq_logratio  {date.today()}  {_cpu_name()}  torch {torch.__version__}  "
+          f"threads={args.threads}  repeats={repeats}  float32  cpu kernels: {ext.cpu_isa()}")
     print("# time: policy_loss forward + backward (metrics included), min / median over repeats, ms")
-    print("# memory: peak extra RSS of one forward+backward in a fresh process; 'arrays' = MiB / (T × 4 B)")
+    print("# memory: peak extra of one forward+backward (gradient included), in token arrays of T x 4 B:")
+    print("#   alloc = torch allocator peak (profiler), RSS = peak RSS in a fresh process (coarse below ~1e5)")
     header = ("| loss | options | T | B | eager min | eager median | cpp min | cpp median | speed-up (median) "
-              "| eager peak MiB (arrays) | cpp peak MiB (arrays) |")
+              "| eager alloc | cpp alloc | eager RSS | cpp RSS |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, option in cases:
@@ -175,28 +215,31 @@ def main() -> None:
             inputs = make_inputs(total, seqs)
             eager = time_case("reference", inputs, name, option, repeats)
             fused = time_case("cpp", inputs, name, option, repeats)
-            mem = {w: measure_memory(w, total, seqs, name, option) for w in ("reference", "cpp")}
+            alloc = {w: allocator_peak(w, inputs, name, option) for w in ("reference", "cpp")}
+            rss = {w: measure_memory(w, total, seqs, name, option) for w in ("reference", "cpp")}
             array = total * 4
             print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(min(eager))} | {_ms(statistics.median(eager))} "
                   f"| {_ms(min(fused))} | {_ms(statistics.median(fused))} "
                   f"| {statistics.median(eager) / statistics.median(fused):.1f}x "
-                  f"| {mem['reference'] / 2**20:.1f} ({mem['reference'] / array:.1f}) "
-                  f"| {mem['cpp'] / 2**20:.1f} ({mem['cpp'] / array:.1f}) |", flush=True)
+                  f"| {alloc['reference'] / array:.2f} | {alloc['cpp'] / array:.2f} "
+                  f"| {rss['reference'] / array:.1f} | {rss['cpp'] / array:.1f} |", flush=True)
 
     if not args.quick:
         print("\n# backward: stored gradient (forward writes ∂L/∂logp) vs recomputed (phase 2 again in backward)")
-        print("| loss | options | T | B | store fwd+bwd median ms | recompute fwd+bwd median ms "
-              "| store peak MiB (arrays) | recompute peak MiB (arrays) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| loss | options | T | B | store min ms | store median ms | recompute min ms | recompute median ms "
+              "| store alloc | recompute alloc | store RSS | recompute RSS |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, option in [("luspo", "plain"), ("grpo", "tis+kl")]:
             total, seqs = 10**6, 64
             inputs = make_inputs(total, seqs)
-            t = {m: statistics.median(time_case("cpp", inputs, name, option, repeats, m))
-                 for m in ("store", "recompute")}
-            mem = {m: measure_memory("cpp", total, seqs, name, option, m) for m in ("store", "recompute")}
-            print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(t['store'])} | {_ms(t['recompute'])} "
-                  f"| {mem['store'] / 2**20:.1f} ({mem['store'] / total / 4:.1f}) "
-                  f"| {mem['recompute'] / 2**20:.1f} ({mem['recompute'] / total / 4:.1f}) |", flush=True)
+            modes = ("store", "recompute")
+            t = {m: time_case("cpp", inputs, name, option, repeats, m) for m in modes}
+            alloc = {m: allocator_peak("cpp", inputs, name, option, m) / total / 4 for m in modes}
+            rss = {m: measure_memory("cpp", total, seqs, name, option, m) / total / 4 for m in modes}
+            print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(min(t['store']))} "
+                  f"| {_ms(statistics.median(t['store']))} | {_ms(min(t['recompute']))} "
+                  f"| {_ms(statistics.median(t['recompute']))} | {alloc['store']:.2f} | {alloc['recompute']:.2f} "
+                  f"| {rss['store']:.1f} | {rss['recompute']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,7 @@ void phase1_loop(int64_t begin, int64_t end, const scalar_t* lp, const scalar_t*
     if (kDelta) s_delta += valid ? m * (to_acc(lp[t]) - to_acc(old[t])) : 0.0;
     if (kTisCol == 1) s_tis += valid ? m * (to_acc(old[t]) - to_acc(ro[t])) : 0.0;
     if (kTisCol == 2) {
-      const double e = lexp(to_acc(old[t]) - to_acc(ro[t]));  // w_t = min(e, C), as token_tis_weight
-      s_tis += valid ? m * (e >= clip ? clip : e) : 0.0;
+      s_tis += valid ? m * token_tis_weight<double>(to_acc(old[t]), to_acc(ro[t]), clip) : 0.0;
     }
   }
   out[kSumDelta] = s_delta;

@@ -142,12 +142,11 @@ LUSPO_HD Surrogate<acc> clipped_surrogate(acc ratio, acc adv, acc eps_lo, acc ep
   return {active ? clipped : unclipped, active};
 }
 
-// Token TIS weight w_t = min(e^{old−rollout}, C) and whether it was truncated.
+// Token TIS weight w_t = min(e^{old−rollout}, C); it was truncated iff w_t ≥ C.
 template <class acc>
-LUSPO_HD acc token_tis_weight(acc old_logp, acc rollout_logp, acc clip, bool* truncated) {
+LUSPO_HD acc token_tis_weight(acc old_logp, acc rollout_logp, acc clip) {
   const acc e = lexp(old_logp - rollout_logp);
-  *truncated = e >= clip;
-  return *truncated ? clip : e;
+  return e >= clip ? clip : e;
 }
 
 // Normalisers that are global over the call (computed once from the global sums).
@@ -248,10 +247,8 @@ LUSPO_HD TokenTerms<acc> token_step(const LossParams& p, const SeqCoef<acc>& c, 
   // flags enter as 0/1 multipliers: that is what the CPU vectorizer handles.
   acc w = acc(1), tis_clipped = acc(0);
   if (p.tis == Tis::kToken) {
-    const acc e = lexp(old - rollout);  // token_tis_weight, inlined
-    const bool truncated = e >= acc(p.tis_clip);
-    w = truncated ? acc(p.tis_clip) : e;
-    tis_clipped = truncated ? m : acc(0);
+    w = token_tis_weight<acc>(old, rollout, acc(p.tis_clip));
+    tis_clipped = w >= acc(p.tis_clip) ? m : acc(0);
   } else if (p.tis == Tis::kSequence) {
     w = c.tis_w;
     tis_clipped = m * c.tis_truncated_f;

@@ -106,8 +106,7 @@ __global__ void __launch_bounds__(kThreads) phase1_kernel(Problem pr, int pieces
     if (seq_tis) {
       s[kSumTis] += m * (acc_t(to_acc(old[t])) - acc_t(to_acc(ro[t])));
     } else if (token_tis_col) {
-      bool truncated;
-      s[kSumTis] += m * token_tis_weight<acc_t>(to_acc(old[t]), to_acc(ro[t]), clip, &truncated);
+      s[kSumTis] += m * token_tis_weight<acc_t>(to_acc(old[t]), to_acc(ro[t]), clip);
     }
   }
   block_sum<acc_t, 3>(s);
