@@ -241,6 +241,21 @@ def main() -> None:
                   f"| {_ms(statistics.median(t['recompute']))} | {alloc['store']:.2f} | {alloc['recompute']:.2f} "
                   f"| {rss['store']:.1f} | {rss['recompute']:.1f} |", flush=True)
 
+        print("\n# where the time goes at T=1e6, B=64 (torch profiler, self CPU time per op, one forward+backward)")
+        from torch.profiler import ProfilerActivity, profile
+
+        inputs = make_inputs(10**6, 64)
+        for which in ("reference", "cpp"):
+            for name, option in (("luspo", "plain"), ("grpo", "tis+kl")):
+                _set_backend(which)
+                run_once(inputs, name, option)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    run_once(inputs, name, option)
+                ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+                total = sum(e.self_cpu_time_total for e in ops)
+                top = ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.2f}" for e in ops[:5])
+                print(f"- {which} {name} {option}: {total / 1e3:.1f} ms in ops; top: {top}")
+
 
 if __name__ == "__main__":
     main()

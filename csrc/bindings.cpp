@@ -10,7 +10,8 @@
 // that where nvcc and a CUDA build of torch exist); the kernels themselves are torch-free.
 #include <Python.h>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <optional>

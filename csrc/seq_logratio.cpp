@@ -1,8 +1,8 @@
 // CPU kernels of the fused sequence log-ratio + policy loss (math in seq_logratio.h).
 //
-// Parallel over sequences with OpenMP: a sequence is reduced by one thread, in token order, so every
-// per-sequence result is bit-identical whatever the thread count (determinism, DESIGN.md §5). Sequences
-// are scheduled dynamically because response lengths vary by orders of magnitude.
+// Parallel over sequences with OpenMP: a sequence is reduced by one thread, in an order fixed by the code (vector
+// lanes, then chunks, then lanes combined), so every per-sequence result is bit-identical whatever the thread
+// count (determinism, DESIGN.md §5). Sequences are scheduled dynamically: response lengths vary a lot.
 //
 // Accumulation is in double for every input type: it costs little here (the loops are bound by memory traffic
 // and exp), and it makes a sum over a 32k-token response as accurate as torch's pairwise float32 sum. Outputs
