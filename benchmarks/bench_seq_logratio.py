@@ -24,6 +24,7 @@ tensors come from its own allocator (malloc / mmap), not from Python's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -118,13 +119,28 @@ def time_case(which: str, inputs, name: str, option: str, repeats: int, grad_mod
 # ---- memory ----------------------------------------------------------------------------------------------------
 
 
-def allocator_peak(which: str, inputs, name: str, option: str, grad_mode: str | None = None) -> int:
-    """Peak of torch's CPU allocator (live bytes above the start) over one forward+backward."""
+@contextlib.contextmanager
+def quiet_profiler():
+    """torch's profiler (kineto) prints start/stop lines to the stderr file descriptor; keep the tables clean."""
     from torch.profiler import ProfilerActivity, profile
 
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                yield prof
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def allocator_peak(which: str, inputs, name: str, option: str, grad_mode: str | None = None) -> int:
+    """Peak of torch's CPU allocator (live bytes above the start) over one forward+backward."""
     _set_backend(which)
     run_once(inputs, name, option, grad_mode)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler() as prof:
         run_once(inputs, name, option, grad_mode)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
@@ -242,14 +258,12 @@ def main() -> None:
                   f"| {rss['store']:.1f} | {rss['recompute']:.1f} |", flush=True)
 
         print("\n# where the time goes at T=1e6, B=64 (torch profiler, self CPU time per op, one forward+backward)")
-        from torch.profiler import ProfilerActivity, profile
-
         inputs = make_inputs(10**6, 64)
         for which in ("reference", "cpp"):
             for name, option in (("luspo", "plain"), ("grpo", "tis+kl")):
                 _set_backend(which)
                 run_once(inputs, name, option)
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with quiet_profiler() as prof:
                     run_once(inputs, name, option)
                 ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
                 total = sum(e.self_cpu_time_total for e in ops)
