@@ -191,6 +191,11 @@ def _cpu_name() -> str:
     return platform.machine()
 
 
+def _rss(extra_bytes: int, array_bytes: int) -> str:
+    # Linux counts a thread's RSS in steps of 64 pages (256 KiB): smaller deltas are below its resolution.
+    return "<256 KiB" if abs(extra_bytes) < 256 * 1024 else f"{extra_bytes / array_bytes:.1f}"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
@@ -218,12 +223,13 @@ def main() -> None:
     import luspo_megatron._C as ext
 
     print(f"# bench_seq_logratio  {date.today()}  {_cpu_name()}  torch {torch.__version__}  "
-          f"threads={args.threads}  repeats={repeats}  float32  cpu kernels: {ext.cpu_isa()}")
+          f"threads={args.threads}  repeats={repeats}  float32  cpu kernels: {ext.cpu_isa()}  "
+          f"load average at start: {os.getloadavg()[0]:.1f}")
     print("# time: policy_loss forward + backward (metrics included), min / median over repeats, ms")
     print("# memory: peak extra of one forward+backward (gradient included), in token arrays of T x 4 B:")
     print("#   alloc = torch allocator peak (profiler), RSS = peak RSS in a fresh process (coarse below ~1e5)")
-    header = ("| loss | options | T | B | eager min | eager median | cpp min | cpp median | speed-up (median) "
-              "| eager alloc | cpp alloc | eager RSS | cpp RSS |")
+    header = ("| loss | options | T | B | eager min | eager median | cpp min | cpp median | speed-up min "
+              "| speed-up median | eager alloc | cpp alloc | eager RSS | cpp RSS |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, option in cases:
@@ -236,9 +242,9 @@ def main() -> None:
             array = total * 4
             print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(min(eager))} | {_ms(statistics.median(eager))} "
                   f"| {_ms(min(fused))} | {_ms(statistics.median(fused))} "
-                  f"| {statistics.median(eager) / statistics.median(fused):.1f}x "
+                  f"| {min(eager) / min(fused):.1f}x | {statistics.median(eager) / statistics.median(fused):.1f}x "
                   f"| {alloc['reference'] / array:.2f} | {alloc['cpp'] / array:.2f} "
-                  f"| {rss['reference'] / array:.1f} | {rss['cpp'] / array:.1f} |", flush=True)
+                  f"| {_rss(rss['reference'], array)} | {_rss(rss['cpp'], array)} |", flush=True)
 
     if not args.quick:
         print("\n# backward: stored gradient (forward writes ∂L/∂logp) vs recomputed (phase 2 again in backward)")
@@ -251,11 +257,11 @@ def main() -> None:
             modes = ("store", "recompute")
             t = {m: time_case("cpp", inputs, name, option, repeats, m) for m in modes}
             alloc = {m: allocator_peak("cpp", inputs, name, option, m) / total / 4 for m in modes}
-            rss = {m: measure_memory("cpp", total, seqs, name, option, m) / total / 4 for m in modes}
+            rss = {m: _rss(measure_memory("cpp", total, seqs, name, option, m), total * 4) for m in modes}
             print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(min(t['store']))} "
                   f"| {_ms(statistics.median(t['store']))} | {_ms(min(t['recompute']))} "
                   f"| {_ms(statistics.median(t['recompute']))} | {alloc['store']:.2f} | {alloc['recompute']:.2f} "
-                  f"| {rss['store']:.1f} | {rss['recompute']:.1f} |", flush=True)
+                  f"| {rss['store']} | {rss['recompute']} |", flush=True)
 
         print("\n# where the time goes at T=1e6, B=64 (torch profiler, self CPU time per op, one forward+backward)")
         inputs = make_inputs(10**6, 64)
