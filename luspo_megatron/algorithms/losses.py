@@ -40,7 +40,7 @@ from luspo_megatron.algorithms import metrics as metrics_lib
 from luspo_megatron.algorithms.kl import KL_TYPES, kl_estimate
 from luspo_megatron.algorithms.tis import TIS_LEVELS, sequence_tis_weights, token_tis_weights
 from luspo_megatron.errors import ConfigError
-from luspo_megatron.ops import segment_ids, seq_logratio
+from luspo_megatron.ops import PolicyLossSpec, fused_available, segment_ids, seq_logratio_reference, seq_policy_loss
 
 LOSS_NAMES = ("luspo", "gspo", "gspo_token", "grpo")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -196,25 +196,48 @@ def policy_loss(
     token count (token-mean only; None means this call's count). With them the losses of any
     split into micro-batches and ranks sum to the full-batch loss. ``cp_group``: the context-parallel
     group when each rank holds only chunks of every sequence (per-sequence sums are all-reduced).
+
+    Runs on the csrc extension when it is built for ``logp``'s device (``luspo_megatron.ops.backend()``),
+    else on the pure-PyTorch reference; both give the same loss, gradient and metrics. Tokens past
+    ``cu_seqlens[-1]`` are padding: they contribute nothing, whatever their mask.
     """
     if num_sequences < 1:
         raise ValueError(f"num_sequences: expected the global sequence count ≥ 1, got {num_sequences}")
-    dtype = _compute_dtype(logp.dtype)
-    logp, old_logp = logp.to(dtype), old_logp.to(dtype)
-    mask = loss_mask.to(dtype)
-    total_tokens = logp.numel()
-    num_seqs = cu_seqlens.numel() - 1
-    seg = segment_ids(cu_seqlens, total_tokens)
     if config.use_tis and rollout_logp is None:
         raise ValueError("use_tis=True needs rollout_logp")
     if config.kl_coef > 0 and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError("entropy_coef > 0 needs entropy")
+    num_seqs, total_tokens = cu_seqlens.numel() - 1, logp.numel()
+    if not (advantages.numel() == num_seqs or (advantages.numel() == total_tokens and not config.sequence_level)):
+        raise ValueError(
+            f"advantages: expected [{num_seqs}] per sequence"
+            + ("" if config.sequence_level else f" or [{total_tokens}] per token")
+            + f" for {config.name}, got {tuple(advantages.shape)}"
+        )
+    args = (logp, old_logp, advantages, loss_mask, cu_seqlens, config, num_sequences, num_tokens,
+            rollout_logp, ref_logp, entropy, cp_group)
+    if fused_available(logp.device):
+        return _policy_loss_fused(*args)
+    return _policy_loss_reference(*args)
+
+
+def _policy_loss_reference(
+    logp, old_logp, advantages, loss_mask, cu_seqlens, config, num_sequences, num_tokens, rollout_logp, ref_logp,
+    entropy, cp_group,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The pure-PyTorch reference of ``policy_loss`` (eager, autograd; also the fallback without a build)."""
+    dtype = _compute_dtype(logp.dtype)
+    logp, old_logp = logp.to(dtype), old_logp.to(dtype)
+    total_tokens = logp.numel()
+    num_seqs = cu_seqlens.numel() - 1
+    seg = segment_ids(cu_seqlens, total_tokens)
+    mask = loss_mask.to(dtype) * (seg < num_seqs)  # padding past cu_seqlens[-1] is never a response token
     rollout = rollout_logp.to(dtype) if rollout_logp is not None else None
 
     # One segment reduction: Σ m·δ, |y_i| and Σ m·(old − rollout), global over CP.
-    sums = seq_logratio(
+    sums = seq_logratio_reference(
         logp, old_logp, mask, cu_seqlens,
         rollout_logp=rollout if (config.use_tis and config.tis_level == "sequence") else None,
         cp_group=cp_group,
@@ -224,14 +247,8 @@ def policy_loss(
     adv = advantages.to(dtype)
     if adv.numel() == num_seqs:
         adv_seq, adv_t = adv, _per_token(adv, seg)
-    elif adv.numel() == total_tokens and not config.sequence_level:
-        adv_seq, adv_t = None, adv
     else:
-        raise ValueError(
-            f"advantages: expected [{num_seqs}] per sequence"
-            + ("" if config.sequence_level else f" or [{total_tokens}] per token")
-            + f" for {config.name}, got {tuple(advantages.shape)}"
-        )
+        adv_seq, adv_t = None, adv
 
     eps_lo, eps_hi = config.eps_clip, config.eps_clip_high
     log_seq_ratio = sums.sum_delta / seq_len.clamp(min=1)  # (1/|y_i|) Σ m δ; 0 for empty sequences
@@ -270,12 +287,7 @@ def policy_loss(
     if config.entropy_coef > 0:
         term_t = term_t - config.entropy_coef * entropy_t
 
-    # Normalisers stay tensors when they come from the data, so nothing syncs with the device here.
-    global_tokens = float(num_tokens) if num_tokens is not None else mask.sum()
-    if config.agg == "seq-mean-token-sum-norm" and config.max_response_len is None:
-        max_len = seq_len.max() if num_seqs else 1.0
-    else:
-        max_len = float(config.max_response_len or 1)
+    global_tokens, max_len = _call_normalisers(config, num_tokens, seq_len)
     weight_t = aggregation_weights(config.agg, mask, seq_len_t, num_sequences, global_tokens, max_len)
     loss = (weight_t * term_t).sum()
 
@@ -312,6 +324,62 @@ def policy_loss(
             entropy_t=entropy_t,
             cp_group=cp_group,
         )
+    return loss, stats
+
+
+def _call_normalisers(
+    config: LossConfig, num_tokens: int | None, seq_len: torch.Tensor
+) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """N of token-mean and L_max of seq-mean-token-sum-norm for this call. Without ``num_tokens`` N is
+    Σ_i |y_i| of the call: global over CP, because ``seq_len`` is. Normalisers stay tensors when they come
+    from the data, so nothing syncs with the device here."""
+    global_tokens = float(num_tokens) if num_tokens is not None else seq_len.sum()
+    if config.agg == "seq-mean-token-sum-norm" and config.max_response_len is None:
+        max_len = seq_len.max() if seq_len.numel() else 1.0
+    else:
+        max_len = float(config.max_response_len or 1)
+    return global_tokens, max_len
+
+
+def _policy_loss_fused(
+    logp, old_logp, advantages, loss_mask, cu_seqlens, config, num_sequences, num_tokens, rollout_logp, ref_logp,
+    entropy, cp_group,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``policy_loss`` on the csrc extension (ops.seq_policy_loss): the policy and KL terms, their
+    gradient and the metrics in two passes over the tokens. The entropy bonus stays here in torch: its
+    gradient flows to the logits through ``entropy``, not through ``logp``."""
+    spec = PolicyLossSpec(
+        loss=config.name,
+        agg=config.agg,
+        eps_lo=config.eps_clip,
+        eps_hi=config.eps_clip_high,
+        num_sequences=float(num_sequences),
+        num_tokens=float(num_tokens) if num_tokens is not None else -1.0,
+        max_len=float(config.max_response_len) if config.max_response_len is not None else -1.0,
+        tis_level=config.tis_level if config.use_tis else "none",
+        tis_clip=config.tis_clip,
+        kl_type=config.kl_type if ref_logp is not None else "none",
+        kl_coef=config.kl_coef,
+    )
+    out = seq_policy_loss(logp, old_logp, loss_mask, cu_seqlens, advantages, spec, rollout_logp=rollout_logp,
+                          ref_logp=ref_logp, cp_group=cp_group)
+    loss, seq_len = out.loss, out.sums[:, 1]
+    entropy_mean = None
+    if entropy is not None:
+        dtype = loss.dtype
+        seg = segment_ids(cu_seqlens, logp.numel())
+        mask = loss_mask.to(dtype) * (seg < seq_len.numel())
+        entropy_t = entropy.to(dtype)
+        entropy_mean = (entropy_t.detach() * mask).sum() / mask.sum().clamp(min=1)
+        if config.entropy_coef > 0:
+            global_tokens, max_len = _call_normalisers(config, num_tokens, seq_len)
+            weight_t = aggregation_weights(config.agg, mask, _per_token(seq_len, seg), num_sequences, global_tokens,
+                                           max_len)
+            loss = loss - config.entropy_coef * (weight_t * entropy_t).sum()
+    stats = metrics_lib.metrics_from_table(
+        config=config, loss=loss, table=out.table, seq_len=seq_len, has_kl=ref_logp is not None,
+        entropy_mean=entropy_mean, cp_group=cp_group,
+    )
     return loss, stats
 
 

@@ -94,6 +94,61 @@ def policy_loss_metrics(
     return dict(zip(keys, values))
 
 
+def metrics_from_table(
+    *,
+    config: "LossConfig",
+    loss: torch.Tensor,
+    table: torch.Tensor,
+    seq_len: torch.Tensor,
+    has_kl: bool,
+    entropy_mean: torch.Tensor | None,
+    cp_group: "torch.distributed.ProcessGroup | None" = None,
+) -> dict[str, float]:
+    """``policy_loss_metrics`` (same keys, same meaning) from the fused op's per-sequence table
+    (``luspo_megatron.ops.fused_policy_loss.TABLE_COLUMNS``), whose columns are summed in a fixed order."""
+    from luspo_megatron.ops.fused_policy_loss import COL
+
+    totals = table.sum(dim=0)
+    col = {name: totals[j] for name, j in COL.items()}
+    tokens = col["tokens"]
+    num_seqs = seq_len.numel()
+    n_nonempty = col["nonempty"]
+
+    def token_mean(name: str) -> torch.Tensor:
+        return col[name] / tokens.clamp(min=1)
+
+    out: dict[str, torch.Tensor] = {
+        "loss": loss.detach(),
+        "pg_loss": col["pg_loss"],
+        "num_tokens": tokens,
+        "num_seqs": tokens.new_tensor(float(num_seqs)),
+        "num_empty_seqs": num_seqs - n_nonempty,
+        "mean_abs_log_ratio": token_mean("abs_delta"),
+        "token_clip_frac": token_mean("clipped_tokens"),
+    }
+    if config.sequence_level:
+        out["num_clipped"] = col["seq_clipped"]
+        out["clip_frac"] = out["num_clipped"] / n_nonempty.clamp(min=1)
+        out["seq_ratio_mean"] = col["seq_ratio"] / n_nonempty.clamp(min=1)
+    else:
+        out["num_clipped"] = col["clipped_tokens"]
+        out["clip_frac"] = out["token_clip_frac"]
+    if config.use_tis:
+        out["tis_weight_mean"] = token_mean("tis_weight")
+        out["tis_clip_frac"] = token_mean("tis_clipped")
+    if has_kl:
+        out["kl"] = token_mean("kl")
+    if entropy_mean is not None:
+        out["entropy"] = entropy_mean
+    seq_grad = table[:, COL["grad_abs"]].contiguous()
+    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+        torch.distributed.all_reduce(seq_grad, group=cp_group)
+    out["length_weight_share"] = length_weight_share(seq_grad, seq_len)
+    keys = list(out)
+    values = torch.stack([out[k].to(torch.float64) for k in keys]).tolist()
+    return dict(zip(keys, values))
+
+
 def rollout_metrics(
     rewards: torch.Tensor,
     response_lengths: torch.Tensor,

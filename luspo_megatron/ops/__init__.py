@@ -1,16 +1,26 @@
-"""Fused and reference kernels behind the policy loss (DESIGN.md §3, ``ops/``)."""
+"""Fused and reference kernels behind the policy loss (DESIGN.md §3, ``ops/``).
+
+``seq_logratio`` (per-sequence sums) and ``seq_policy_loss`` (the fused loss + gradient) run on the csrc
+extension when it is built for the tensors' device; ``backend()`` says which implementation
+``policy_loss`` uses. Without a build everything falls back to the pure-PyTorch reference (one warning);
+``LUSPO_FORCE_REFERENCE=1`` selects the reference.
+"""
 
 from __future__ import annotations
 
-from luspo_megatron.ops.seq_logratio import SeqSums, segment_ids, seq_logratio_reference
+from luspo_megatron.ops._extension import backend, fused_available
+from luspo_megatron.ops.fused_policy_loss import FusedPolicyLoss, PolicyLossSpec, seq_policy_loss
+from luspo_megatron.ops.segments import segment_ids
+from luspo_megatron.ops.seq_logratio import SeqSums, seq_logratio, seq_logratio_reference
 
-# The csrc extension plugs in behind this name; until it is built, the reference is the op.
-seq_logratio = seq_logratio_reference
-
-
-def backend() -> str:
-    """Which implementation ``policy_loss`` uses: "cuda", "cpp" or "reference"."""
-    return "reference"
-
-
-__all__ = ["SeqSums", "backend", "segment_ids", "seq_logratio", "seq_logratio_reference"]
+__all__ = [
+    "FusedPolicyLoss",
+    "PolicyLossSpec",
+    "SeqSums",
+    "backend",
+    "fused_available",
+    "segment_ids",
+    "seq_logratio",
+    "seq_logratio_reference",
+    "seq_policy_loss",
+]

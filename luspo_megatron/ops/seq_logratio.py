@@ -1,4 +1,5 @@
-"""Per-sequence reduction of the log-ratio on packed (THD) tensors: the pure-PyTorch reference.
+"""Per-sequence reduction of the log-ratio on packed (THD) tensors: the pure-PyTorch reference, and
+``seq_logratio``, which runs phase 1 of the csrc extension instead when it is built for the device.
 
 For sequence i of a packed micro-batch (tokens ``cu_seqlens[i] : cu_seqlens[i+1]``) this computes
 
@@ -23,6 +24,9 @@ from typing import NamedTuple
 
 import torch
 
+from luspo_megatron.ops._extension import fused_available
+from luspo_megatron.ops.segments import segment_ids
+
 
 class SeqSums(NamedTuple):
     """Per-sequence sums; every field is [B] and global over the CP group when one was given."""
@@ -30,17 +34,6 @@ class SeqSums(NamedTuple):
     sum_delta: torch.Tensor
     num_tokens: torch.Tensor
     sum_rollout_log_ratio: torch.Tensor | None
-
-
-def segment_ids(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
-    """Sequence index of every packed token, [T] int64.
-
-    Tokens past ``cu_seqlens[-1]`` (padding at the end of a packed micro-batch) get index B, one
-    past the last sequence, so callers can reduce into B+1 slots and drop the last.
-    """
-    cu = cu_seqlens.to(torch.long)
-    positions = torch.arange(total_tokens, device=cu.device)
-    return torch.searchsorted(cu[1:].contiguous(), positions, right=True)
 
 
 def _segment_sum(values: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -72,4 +65,23 @@ def seq_logratio_reference(
 
         stacked = all_reduce(torch.stack(columns, dim=1), group=cp_group)  # [B, k], autograd-aware
         columns = list(stacked.unbind(dim=1))
+    return SeqSums(columns[0], columns[1].detach(), columns[2].detach() if len(columns) > 2 else None)
+
+
+def seq_logratio(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    loss_mask: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    rollout_logp: torch.Tensor | None = None,
+    cp_group: "torch.distributed.ProcessGroup | None" = None,
+) -> SeqSums:
+    """The per-sequence sums of the module docstring, from the csrc extension's phase 1 when it is built
+    for ``logp``'s device (sums in float32 for float32/bf16/fp16 inputs, float64 for float64), else from
+    ``seq_logratio_reference``. Same autograd and CP semantics either way."""
+    if not fused_available(logp.device):
+        return seq_logratio_reference(logp, old_logp, loss_mask, cu_seqlens, rollout_logp, cp_group)
+    from luspo_megatron.ops.fused_policy_loss import seq_sums
+
+    columns = seq_sums(logp, old_logp, loss_mask, cu_seqlens, rollout_logp, cp_group).unbind(dim=1)
     return SeqSums(columns[0], columns[1].detach(), columns[2].detach() if len(columns) > 2 else None)

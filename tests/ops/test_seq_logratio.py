@@ -30,3 +30,24 @@ def test_seq_logratio_reference_equals_loop_and_is_differentiable():
                               atol=1e-15)
     sums.sum_delta.sum().backward()
     torch.testing.assert_close(logp.grad, mask, rtol=0, atol=0)
+
+
+def test_seq_logratio_on_the_extension_equals_the_reference(monkeypatch):
+    monkeypatch.delenv("LUSPO_FORCE_REFERENCE", raising=False)
+    from luspo_megatron.ops import backend, seq_logratio
+    from tests.algorithms.packed import random_packed_batch
+    from tests.ops.batches import with_empty_sequences
+
+    assert backend() == "cpp"
+    gen = torch.Generator().manual_seed(6)
+    batch = with_empty_sequences(random_packed_batch(gen, num_seqs=7, trailing_pad=4), gen, count=2)
+    grads = []
+    for fn in (seq_logratio, seq_logratio_reference):
+        logp = batch.fresh_logp()
+        sums = fn(logp, batch.old_logp, batch.loss_mask, batch.cu_seqlens, rollout_logp=batch.rollout_logp)
+        (sums.sum_delta * torch.arange(1.0, batch.num_seqs + 1, dtype=torch.float64)).sum().backward()
+        grads.append((sums, logp.grad))
+    (got, got_grad), (ref, ref_grad) = grads
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=0, atol=0)
