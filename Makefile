@@ -39,4 +39,4 @@ lint: venv
 	$(PY) -m ruff check $(wildcard luspo_megatron tests tools benchmarks examples)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info luspo_megatron/_C*.so

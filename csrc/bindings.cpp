@@ -10,7 +10,8 @@
 // that where nvcc and a CUDA build of torch exist); the kernels themselves are torch-free.
 #include <Python.h>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -267,8 +268,15 @@ TORCH_LIBRARY_IMPL(luspo, CUDA, m) {
 }
 #endif
 
-// `import luspo_megatron._C` runs the registrations above; the module itself is empty.
+// `import luspo_megatron._C` runs the registrations above. The module itself only says which CPU build runs.
+namespace {
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(luspo::cpu_isa()); }
+PyMethodDef methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Which build of the CPU kernels runs: 'avx2' or 'base'."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "luspo custom ops (see csrc/)", -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "luspo custom ops (see csrc/)", -1, methods};
   return PyModule_Create(&module);
 }

@@ -34,8 +34,12 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "vexp.h"
+
 #if defined(__CUDACC__)
 #define LUSPO_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define LUSPO_HD inline __attribute__((always_inline))  // inside the vectorized token loops, see vexp.h
 #else
 #define LUSPO_HD inline
 #endif
@@ -84,6 +88,10 @@ enum TableCol : int {
   kNumTableCols
 };
 
+// The math below is compiled once per CPU instruction set (baseline and AVX2+FMA, see seq_logratio_avx2.cpp);
+// the inline namespace gives each build its own symbols, so the linker can never mix them up.
+inline namespace LUSPO_ISA {
+
 LUSPO_HD bool is_sequence_level(Loss loss) { return loss == Loss::kGspo || loss == Loss::kLuspo; }
 
 LUSPO_HD int num_sum_cols(const LossParams& p) {
@@ -91,10 +99,24 @@ LUSPO_HD int num_sum_cols(const LossParams& p) {
   return tis_col ? 3 : 2;
 }
 
+// Device code uses CUDA's exp; host code the vectorizable float64 versions of vexp.h (the CPU kernels
+// compute in float64 for every input type).
 LUSPO_HD float lexp(float x) { return expf(x); }
-LUSPO_HD double lexp(double x) { return exp(x); }
 LUSPO_HD float lexpm1(float x) { return expm1f(x); }
-LUSPO_HD double lexpm1(double x) { return expm1(x); }
+LUSPO_HD double lexp(double x) {
+#if defined(__CUDA_ARCH__)
+  return exp(x);
+#else
+  return vexp(x);
+#endif
+}
+LUSPO_HD double lexpm1(double x) {
+#if defined(__CUDA_ARCH__)
+  return expm1(x);
+#else
+  return vexpm1(x);
+#endif
+}
 LUSPO_HD float lfabs(float x) { return fabsf(x); }
 LUSPO_HD double lfabs(double x) { return fabs(x); }
 template <class acc>
@@ -120,12 +142,11 @@ LUSPO_HD Surrogate<acc> clipped_surrogate(acc ratio, acc adv, acc eps_lo, acc ep
   return {active ? clipped : unclipped, active};
 }
 
-// Token TIS weight w_t = min(e^{old−rollout}, C) and whether it was truncated.
+// Token TIS weight w_t = min(e^{old−rollout}, C); it was truncated iff w_t ≥ C.
 template <class acc>
-LUSPO_HD acc token_tis_weight(acc old_logp, acc rollout_logp, acc clip, bool* truncated) {
+LUSPO_HD acc token_tis_weight(acc old_logp, acc rollout_logp, acc clip) {
   const acc e = lexp(old_logp - rollout_logp);
-  *truncated = e >= clip;
-  return *truncated ? clip : e;
+  return e >= clip ? clip : e;
 }
 
 // Normalisers that are global over the call (computed once from the global sums).
@@ -150,9 +171,11 @@ struct SeqCoef {
   acc s;        // s_i = exp(S_i / max(n_i, 1)); 1 for an empty sequence
   acc tis_w;    // sequence-level TIS weight (1 otherwise)
   bool tis_truncated;
+  acc tis_truncated_f;  // the same as 0/1
   acc adv;      // Â_i (unused with per-token advantages)
   acc loss;     // ℓ_i of a sequence-ratio loss
   bool clipped; // its clip decision
+  acc clipped_f;  // the same as 0/1
   acc grad;     // sequence-ratio losses: g_t = grad·m_t
 };
 
@@ -177,14 +200,17 @@ LUSPO_HD SeqCoef<acc> sequence_coefficients(const LossParams& p, const acc* sums
     c.tis_truncated = e >= acc(p.tis_clip);
     c.tis_w = c.tis_truncated ? acc(p.tis_clip) : e;
   }
+  c.tis_truncated_f = c.tis_truncated ? acc(1) : acc(0);
   c.adv = adv;
   c.loss = acc(0);
   c.clipped = false;
+  c.clipped_f = acc(0);
   c.grad = acc(0);
   if (is_sequence_level(p.loss)) {
     const Surrogate<acc> sur = clipped_surrogate<acc>(c.s, adv, acc(p.eps_lo), acc(p.eps_hi));
     c.loss = sur.loss;
     c.clipped = sur.clipped;
+    c.clipped_f = sur.clipped ? acc(1) : acc(0);
     // W_i = Σ_{t∈i} a_t w_t over every CP rank's tokens.
     acc W;
     if (p.tis == Tis::kToken) {
@@ -201,42 +227,57 @@ LUSPO_HD SeqCoef<acc> sequence_coefficients(const LossParams& p, const acc* sums
 // Per-token metric partial sums (table columns kPgLoss..kGradAbs).
 constexpr int kNumTokenCols = kGradAbs + 1;
 
-// One response token (m ≠ 0; callers skip masked tokens so that garbage log-probs there cannot produce
-// inf·0 = NaN). Adds its metric contributions to `sums` and returns ∂L/∂logp_t (policy + KL part).
+// What one response token contributes: ∂L/∂logp_t and its terms of the table columns kPgLoss..kGradAbs.
+// A struct of scalars (not an array) so that the CPU loops keep it in vector registers.
 template <class acc>
-LUSPO_HD acc token_step(const LossParams& p, const SeqCoef<acc>& c, acc m, acc lp, acc old, acc rollout, acc ref,
-                        acc adv_t, acc* sums) {
+struct TokenTerms {
+  acc grad;  // ∂L/∂logp_t, policy + KL part
+  acc pg_loss, kl_loss, tokens, abs_delta, clipped_tokens, tis_weight, tis_clipped, kl, grad_abs;
+};
+
+// One response token (m ≠ 0: the callers drop masked tokens, so garbage log-probs there cannot produce
+// inf·0 = NaN). Straight-line code apart from selects on loop-invariant parameters.
+template <class acc>
+LUSPO_HD TokenTerms<acc> token_step(const LossParams& p, const SeqCoef<acc>& c, acc m, acc lp, acc old, acc rollout,
+                                    acc ref, acc adv_t) {
+  TokenTerms<acc> out;
   const acc delta = lp - old;
   const acc a = m * c.alpha;
-  acc w = acc(1);
-  bool tis_truncated = false;
+  // Scalars only below (no structs or out-pointers), and a select only on per-token conditions; per-sequence
+  // flags enter as 0/1 multipliers: that is what the CPU vectorizer handles.
+  acc w = acc(1), tis_clipped = acc(0);
   if (p.tis == Tis::kToken) {
-    w = token_tis_weight<acc>(old, rollout, acc(p.tis_clip), &tis_truncated);
+    w = token_tis_weight<acc>(old, rollout, acc(p.tis_clip));
+    tis_clipped = w >= acc(p.tis_clip) ? m : acc(0);
   } else if (p.tis == Tis::kSequence) {
     w = c.tis_w;
-    tis_truncated = c.tis_truncated;
+    tis_clipped = m * c.tis_truncated_f;
   }
-  acc pg, grad;
-  bool clipped;
+  acc pg, grad, clipped_tokens;
   if (is_sequence_level(p.loss)) {
     pg = c.loss;
-    clipped = c.clipped;
+    clipped_tokens = m * c.clipped_f;
     grad = c.grad * m;
   } else {
     const acc A = p.per_token_adv ? adv_t : c.adv;
     const acc ratio = p.loss == Loss::kGrpo ? lexp(delta) : c.s;
-    const Surrogate<acc> sur = clipped_surrogate<acc>(ratio, A, acc(p.eps_lo), acc(p.eps_hi));
-    pg = sur.loss;
-    clipped = sur.clipped;
-    grad = sur.clipped ? acc(0) : -a * w * A * ratio;
+    // clipped_surrogate, inlined
+    const acc unclipped = -ratio * A;
+    const acc clipped_value = -clamp<acc>(ratio, acc(1) - acc(p.eps_lo), acc(1) + acc(p.eps_hi)) * A;
+    const bool clipped = clipped_value > unclipped;
+    pg = clipped ? clipped_value : unclipped;
+    grad = clipped ? acc(0) : -a * w * A * ratio;
+    clipped_tokens = clipped ? m : acc(0);
   }
-  sums[kPgLoss] += a * w * pg;
-  sums[kGradAbs] += lfabs(grad);
-  sums[kTokens] += m;
-  sums[kAbsDelta] += m * lfabs(delta);
-  sums[kClippedTokens] += clipped ? m : acc(0);
-  sums[kTisWeight] += m * w;
-  sums[kTisClipped] += tis_truncated ? m : acc(0);
+  out.pg_loss = a * w * pg;
+  out.grad_abs = lfabs(grad);
+  out.tokens = m;
+  out.abs_delta = m * lfabs(delta);
+  out.clipped_tokens = clipped_tokens;
+  out.tis_weight = m * w;
+  out.tis_clipped = tis_clipped;
+  out.kl = acc(0);
+  out.kl_loss = acc(0);
   if (p.kl != Kl::kNone) {
     // log r = ref − logp (kl.py); dKL/dlogp below.
     const acc log_r = ref - lp;
@@ -252,14 +293,28 @@ LUSPO_HD acc token_step(const LossParams& p, const SeqCoef<acc>& c, acc m, acc l
       kl = e - log_r;
       dkl = -e;
     }
-    sums[kKl] += m * kl;
-    if (p.kl_coef > 0) {
-      const acc beta = acc(p.kl_coef);
-      sums[kKlLoss] += a * beta * kl;
-      grad += beta * a * dkl;
-    }
+    out.kl = m * kl;
+    // Unconditional (β = 0 adds exactly 0 for any finite KL_t): a branch on β would stop the CPU vectorizer.
+    const acc beta = acc(p.kl_coef);
+    out.kl_loss = a * beta * kl;
+    grad += beta * a * dkl;
   }
-  return grad;
+  out.grad = grad;
+  return out;
+}
+
+// sums[kPgLoss..kGradAbs] += the token's terms.
+template <class acc>
+LUSPO_HD void add_token_terms(acc* sums, const TokenTerms<acc>& t) {
+  sums[kPgLoss] += t.pg_loss;
+  sums[kKlLoss] += t.kl_loss;
+  sums[kTokens] += t.tokens;
+  sums[kAbsDelta] += t.abs_delta;
+  sums[kClippedTokens] += t.clipped_tokens;
+  sums[kTisWeight] += t.tis_weight;
+  sums[kTisClipped] += t.tis_clipped;
+  sums[kKl] += t.kl;
+  sums[kGradAbs] += t.grad_abs;
 }
 
 // Per-sequence table columns (identical on every CP rank).
@@ -270,6 +325,8 @@ LUSPO_HD void sequence_table_cols(const LossParams& p, const SeqCoef<acc>& c, ac
   row[kNonEmpty] = nonempty;
   row[kSeqRatio] = c.s * nonempty;
 }
+
+}  // namespace LUSPO_ISA
 
 // ---- Entry points on raw buffers -------------------------------------------------------------------------
 
@@ -293,6 +350,8 @@ void phase1_cpu(const Problem& prob, void* sums);
 // table: [B, kNumTableCols]; grad: [T] token dtype or nullptr (metrics only); grad_scale: nullptr or one
 // accumulation-type value multiplying the gradient (the backward's grad_output when recomputing).
 void phase2_cpu(const Problem& prob, const void* sums, void* table, void* grad, const void* grad_scale);
+// Which build of the CPU kernels the calls above run: "avx2" or "base".
+const char* cpu_isa();
 
 // CUDA (seq_logratio_cuda.cu). Buffers are device pointers (cu_seqlens too); `stream` is a cudaStream_t;
 // `workspace` is a device buffer of phase*_cuda_workspace_bytes. Return nullptr, or the CUDA error string.

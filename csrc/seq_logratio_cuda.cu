@@ -106,8 +106,7 @@ __global__ void __launch_bounds__(kThreads) phase1_kernel(Problem pr, int pieces
     if (seq_tis) {
       s[kSumTis] += m * (acc_t(to_acc(old[t])) - acc_t(to_acc(ro[t])));
     } else if (token_tis_col) {
-      bool truncated;
-      s[kSumTis] += m * token_tis_weight<acc_t>(to_acc(old[t]), to_acc(ro[t]), clip, &truncated);
+      s[kSumTis] += m * token_tis_weight<acc_t>(to_acc(old[t]), to_acc(ro[t]), clip);
     }
   }
   block_sum<acc_t, 3>(s);
@@ -180,9 +179,11 @@ __global__ void __launch_bounds__(kThreads)
       if (grad) store(grad + t, 0.0f);
       continue;
     }
-    const acc_t gt = token_step<acc_t>(p, c, m, to_acc(lp[t]), to_acc(old[t]), token_tis ? acc_t(to_acc(ro[t])) : acc_t(0),
-                                       kl ? acc_t(to_acc(ref[t])) : acc_t(0), p.per_token_adv ? adv[t] : acc_t(0), acc);
-    if (grad) store(grad + t, gt * scale);
+    const TokenTerms<acc_t> tt =
+        token_step<acc_t>(p, c, m, to_acc(lp[t]), to_acc(old[t]), token_tis ? acc_t(to_acc(ro[t])) : acc_t(0),
+                          kl ? acc_t(to_acc(ref[t])) : acc_t(0), p.per_token_adv ? adv[t] : acc_t(0));
+    add_token_terms<acc_t>(acc, tt);
+    if (grad) store(grad + t, tt.grad * scale);
   }
   block_sum<acc_t, kNumTokenCols>(acc);
   if (threadIdx.x == 0) {

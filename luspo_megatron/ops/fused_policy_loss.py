@@ -21,10 +21,12 @@ reduction exists: the gradient w.r.t. ``logp`` flows back through the pipeline l
 gradient.
 
 **Backward: stored gradient, not recomputed.** Forward writes ∂L/∂logp (one token-sized array) in the
-same pass that computes the loss; backward multiplies it by grad_output. Recomputing instead (phase 2
-again in backward) saves that array between forward and backward but re-reads every input and
-recomputes the exps; benchmarks/bench_seq_logratio.py measures both (docs/bench/seq_logratio.md).
-``grad_mode="recompute"`` selects the other one.
+same pass that computes the loss; backward scales it by grad_output in place and returns it, so the
+whole forward+backward allocates one token-sized array (the gradient itself); a second backward
+through the same graph (``retain_graph=True``) recomputes. Recomputing always (phase 2 again in
+backward, ``grad_mode="recompute"``) holds nothing token-sized between forward and backward but
+re-reads every input and recomputes the exps; benchmarks/bench_seq_logratio.py measures both
+(docs/bench/seq_logratio.md).
 """
 
 from __future__ import annotations
@@ -103,19 +105,22 @@ class _FusedPolicyLossFn(torch.autograd.Function):
         store = grad_mode == "store" and ctx.needs_input_grad[0]
         table, grad = _phase2(spec, inputs, sums, store, None)
         loss = table[:, : COL["kl_loss"] + 1].sum()  # Σ_i (pg_i + kl_i), fixed order: deterministic
-        ctx.spec, ctx.store = spec, store
-        if store:
-            ctx.save_for_backward(grad)
-        elif ctx.needs_input_grad[0]:
+        ctx.spec = spec
+        # The stored gradient is an intermediate, neither input nor output, so it lives on ctx (torch's
+        # rule for save_for_backward): backward scales it in place and hands it over, so forward+backward
+        # allocate one token-sized array in all. The inputs are saved too (references, no copies): a
+        # second backward through the same graph (retain_graph, gradcheck) recomputes from them.
+        ctx.grad = grad if store else None
+        if ctx.needs_input_grad[0]:
             ctx.save_for_backward(*inputs, sums)
         ctx.mark_non_differentiable(table, sums)
         return loss, table, sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_table, _grad_sums):
-        if ctx.store:
-            (grad,) = ctx.saved_tensors
-            grad_logp = grad * grad_loss.to(grad.dtype)
+        if ctx.grad is not None:
+            grad, ctx.grad = ctx.grad, None
+            grad_logp = grad.mul_(grad_loss.to(grad.dtype))
         else:
             *inputs, sums = ctx.saved_tensors
             _, grad_logp = _phase2(ctx.spec, inputs, sums, True, grad_loss.detach())
@@ -141,7 +146,7 @@ def seq_policy_loss(
     rollout_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     cp_group: "torch.distributed.ProcessGroup | None" = None,
-    grad_mode: str = DEFAULT_GRAD_MODE,
+    grad_mode: str | None = None,
 ) -> FusedPolicyLoss:
     """Fused policy loss of one packed micro-batch on the last pipeline stage (see the module docstring).
 
@@ -149,7 +154,9 @@ def seq_policy_loss(
     ``ref_logp`` when ``spec.kl_type`` is not "none") are [T]; ``cu_seqlens`` is [B+1]; ``advantages`` is
     [B], or [T] for grpo and gspo_token. Tokens outside ``cu_seqlens`` get zero loss and gradient.
     Needs the extension (``luspo_megatron.ops.fused_available``); the entropy bonus is not part of it.
+    ``grad_mode``: "store" or "recompute" (module docstring); None: ``DEFAULT_GRAD_MODE``.
     """
+    grad_mode = DEFAULT_GRAD_MODE if grad_mode is None else grad_mode
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode: expected one of {GRAD_MODES}, got {grad_mode!r}")
     tracing = torch.compiler.is_compiling()  # under torch.compile: no host-side loading or data checks

@@ -1,4 +1,5 @@
-"""Per-sequence reduction of the log-ratio on packed (THD) tensors: the pure-PyTorch reference.
+"""Per-sequence reduction of the log-ratio on packed (THD) tensors: the pure-PyTorch reference, and
+``seq_logratio``, which runs phase 1 of the csrc extension instead when it is built for the device.
 
 For sequence i of a packed micro-batch (tokens ``cu_seqlens[i] : cu_seqlens[i+1]``) this computes
 

@@ -327,3 +327,43 @@ def test_bad_packed_input_gives_one_line_errors():
     with pytest.raises(ValueError, match=r"advantages: expected \[3\] per sequence for luspo"):
         policy_loss(batch.logp, batch.old_logp, batch.adv_tok, batch.loss_mask, batch.cu_seqlens,
                     LossConfig(name="luspo"), 3)
+
+
+def test_a_second_backward_through_the_same_graph_recomputes_the_gradient():
+    gen = torch.Generator().manual_seed(12)
+    batch = random_packed_batch(gen, num_seqs=4, ratio_noise=1e-3)
+    spec = _spec("luspo", kl_type="k2", kl_coef=0.3)
+    for mode in ("store", "recompute"):
+        logp = batch.fresh_logp()
+        out = seq_policy_loss(logp, batch.old_logp, batch.loss_mask, batch.cu_seqlens, batch.adv_seq, spec,
+                              ref_logp=batch.ref_logp, grad_mode=mode)
+        out.loss.backward(retain_graph=True)
+        first = logp.grad.clone()
+        (3.0 * out.loss).backward()
+        torch.testing.assert_close(logp.grad, 4 * first, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("name,agg", CASES, ids=CASE_IDS)
+def test_baseline_and_avx2_builds_of_the_cpu_kernels_agree(name, agg, monkeypatch):
+    import luspo_megatron._C as ext
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"isa-{name}-{agg}".encode()))
+    batch = long_batch(gen, total_tokens=5_000, max_response=300, ratio_noise=0.3 if name == "grpo" else 1e-2)
+    results = {}
+    for isa in ("base", "default"):
+        if isa == "base":
+            monkeypatch.setenv("LUSPO_CPU_ISA", "base")
+            assert ext.cpu_isa() == "base"
+        else:
+            monkeypatch.delenv("LUSPO_CPU_ISA")
+        for extra in ({"tis_level": "token", "tis_clip": 1.5, "kl_type": "k3", "kl_coef": 0.1},
+                      {"tis_level": "sequence", "tis_clip": 1.2, "kl_type": "k2", "kl_coef": 0.2}):
+            spec = _spec(name, agg, **extra)
+            logp = batch.fresh_logp()
+            out = seq_policy_loss(logp, batch.old_logp, batch.loss_mask, batch.cu_seqlens, batch.adv_seq, spec,
+                                  rollout_logp=batch.rollout_logp, ref_logp=batch.ref_logp)
+            out.loss.backward()
+            results[isa, extra["tis_level"]] = (out.loss.detach(), out.table, logp.grad)
+    for level in ("token", "sequence"):
+        for a, b in zip(results["base", level], results["default", level]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

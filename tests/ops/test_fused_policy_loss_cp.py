@@ -61,13 +61,14 @@ def _worker(rank: int, cp: int, init_file: str) -> None:
                 os.environ.pop("LUSPO_FORCE_REFERENCE", None)
             assert backend() == which
             for name, agg in CASES:
-                for opts in OPTIONS:
+                # Without num_tokens, token-mean normalises by this call's Σ|y_i|, which is CP-global.
+                for opts, tokens in [(o, N) for o in OPTIONS] + ([({}, None)] if agg == "token-mean" else []):
                     cfg = LossConfig(name=name, agg=agg, **opts)
                     adv = batch.adv_seq
                     full_loss, full_grad, full_metrics = _loss_and_grad(batch, cfg, whole, batch.cu_seqlens, adv,
-                                                                        None, B, N)
+                                                                        None, B, tokens)
                     loss, grad, metrics = _loss_and_grad(batch, cfg, local_index, local_cu, adv, dist.group.WORLD,
-                                                         B, N)
+                                                         B, tokens)
                     total = loss.clone()
                     dist.all_reduce(total)
                     where = f"{which} {name} {agg} {opts} rank {rank}"
