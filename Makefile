@@ -24,7 +24,7 @@ $(STAMP): $(INSTALL_INPUTS)
 	touch $@
 
 demo: venv
-	$(PY) examples/tabular_length_bias.py
+	$(PY) tools/train_luspo.py
 
 test: venv
 	$(PYTEST) -m "not slow" tests

@@ -408,6 +408,7 @@ class RunConfig:
     seed: int = opt(1234, "--seed", help="Seeds torch, numpy, random, Megatron's RNG tracker, data and sampling.")
     sft_warmup_steps: int = opt(0, "--sft-warmup-steps", help="Supervised warm-up steps before RL.")
     sft_lr: float = opt(1e-3, "--sft-lr", help="Learning rate of the supervised warm-up (its own AdamW).")
+    sft_batch_size: int = opt(64, "--sft-batch-size", help="Sequences per supervised warm-up step.")
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -421,6 +422,7 @@ class RunConfig:
         _positive(RunConfig, self, "train_iters")
         _check(self.sft_warmup_steps >= 0, RunConfig, "sft_warmup_steps", "≥ 0", self.sft_warmup_steps)
         _check(self.sft_lr > 0, RunConfig, "sft_lr", "> 0", self.sft_lr)
+        _positive(RunConfig, self, "sft_batch_size")
         batch = self.rollout.rollout_batch_size * self.algorithm.n_samples_per_prompt
         gbs = self.optimizer.global_batch_size
         if gbs is not None and batch % gbs != 0:

@@ -535,7 +535,7 @@ class Trainer:
         optimizer, _ = ptrain.build_optimizer(self.policy.model, sft_optim, total_steps=cfg.sft_warmup_steps,
                                               use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         nll_loss = LossConfig(name="grpo", agg="token-mean")
-        batch_size = cfg.sequences_per_rollout
+        batch_size = cfg.sft_batch_size
         generator = torch.Generator().manual_seed(cfg.seed)
         sft_log = (self.log_dir / "sft.jsonl").open("a") if self.is_rank0 else None
         try:

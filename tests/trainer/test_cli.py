@@ -48,3 +48,17 @@ def test_bad_flags_give_one_line_errors_and_exit_status_2(args, needle):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_resolves(config):
+    proc = run("--config", str(config), "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    written = yaml.safe_load(config.read_text())
+    for section, values in written.items():  # every value written in the file survives resolution
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert resolved[section][key] == (list(value) if isinstance(value, tuple) else value), (section, key)
+        else:
+            assert resolved[section] == values
