@@ -320,6 +320,11 @@ class DataConfig:
     )
     reward_timeout_s: float = opt(5.0, "--reward-timeout", help="Per-item reward timeout, seconds.")
     sft_key: str = opt("solution", "--sft-key", help="Column with the reference response for --sft-warmup-steps.")
+    sft_direct_fraction: float = opt(
+        0.0, "--sft-direct-fraction",
+        help="Fraction of warm-up targets taken from the `direct_solution` column (the bare answer) instead of "
+             "--sft-key: the warm-up then teaches both a long and a short way to answer, and RL chooses.",
+    )
     format_reward_weight: float = opt(0.1, "--format-reward-weight", help="Weight of the format term in math+format.")
     reward_num_workers: int = opt(2, "--reward-num-workers", help="Processes scoring rewards (math-verify).")
     tokenizer_path: str | None = opt(
@@ -335,6 +340,8 @@ class DataConfig:
                   "synthetic_max_steps")
         _check(self.format_reward_weight >= 0, DataConfig, "format_reward_weight", "≥ 0", self.format_reward_weight)
         _check(self.reward_timeout_s > 0, DataConfig, "reward_timeout_s", "> 0", self.reward_timeout_s)
+        _check(0.0 <= self.sft_direct_fraction <= 1.0, DataConfig, "sft_direct_fraction", "a fraction in [0, 1]",
+               self.sft_direct_fraction)
         if self.custom_reward_path is not None:
             _check(":" in self.custom_reward_path, DataConfig, "custom_reward_path", "module:function",
                    self.custom_reward_path)

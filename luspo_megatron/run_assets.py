@@ -62,20 +62,27 @@ class RunAssets:
         return dataset_from_config(self.config.data, tokenizer, self.config.seed)
 
     def sft_examples(self) -> list[SFTExample]:
-        """Prompts with their reference solutions (``--sft-key``), ending with the stop token."""
+        """Prompts with their reference responses, ending with the stop token. The response is the
+        ``--sft-key`` column, or with probability ``--sft-direct-fraction`` (seeded per row) the
+        ``direct_solution`` column: the bare answer, no worked steps."""
+        import random
+
+        data = self.config.data
         tokenizer = self.tokenizer()
         dataset = self.dataset(tokenizer)
         rows = _raw_rows(self.config)
-        key = self.config.data.sft_key
+        rng = random.Random(self.config.seed)
         eos = self.stop_token_ids[0]
-        solutions = []
+        targets = []
         for record in dataset.records:
             row = rows[record.row]
+            key = "direct_solution" if rng.random() < data.sft_direct_fraction else data.sft_key
             if key not in row:
-                raise DataError(f"--sft-key: row {record.row + 1} has no {key!r} column for the SFT warm-up",
+                flag = "--sft-direct-fraction" if key == "direct_solution" else "--sft-key"
+                raise DataError(f"{flag}: row {record.row + 1} has no {key!r} column for the SFT warm-up",
                                 field="sft_key")
-            solutions.append(str(row[key]))
-        ids = tokenizer(solutions, add_special_tokens=False)["input_ids"]
+            targets.append(str(row[key]))
+        ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
         return [SFTExample(r.prompt_ids, list(x) + [eos], [0.0] * (len(x) + 1)) for r, x in zip(dataset.records, ids)]
 
 
