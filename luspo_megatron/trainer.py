@@ -158,7 +158,8 @@ class Trainer:
         if cfg.sft_warmup_steps and not resumed:
             self._sft_warmup()
             self.start_hf_dir = self.log_dir / "assets" / "hf_after_sft"
-            self._write_hf(self.start_hf_dir)
+            # With the tokenizer, so that other runs can start from it (--hf-checkpoint).
+            self._write_hf(self.start_hf_dir, with_tokenizer=True)
         if self.policy.reference is None and (cfg.algorithm.kl_coef > 0 or cfg.algorithm.log_ref_kl):
             from luspo_megatron.models.weights import hf_safetensors_source
 
@@ -507,13 +508,17 @@ class Trainer:
             return None
         return bucket_by_bytes(state.items(), self.config.rollout.update_weight_buffer_size)
 
-    def _write_hf(self, out_dir: Path) -> Path:
+    def _write_hf(self, out_dir: Path, with_tokenizer: bool = False) -> Path:
         """Write the policy as a HF model directory (atomic; rank 0 writes, every rank calls)."""
         from luspo_megatron.rollout.weight_sync import write_hf_checkpoint
+        from luspo_megatron.run_assets import TOKENIZER_FILES
 
         buckets = self._weight_buckets()
         if self.is_rank0:
-            write_hf_checkpoint(buckets, out_dir, self.run_assets.hf_dir)
+            tokenizer_dir = self.run_assets.tokenizer_dir
+            extra = [tokenizer_dir / n for n in TOKENIZER_FILES if with_tokenizer and (tokenizer_dir / n).is_file()
+                     and n != "generation_config.json"]
+            write_hf_checkpoint(buckets, out_dir, self.run_assets.hf_dir, extra_files=extra)
         if dist.is_initialized():
             dist.barrier()
         return out_dir

@@ -37,9 +37,11 @@ HF_CONFIG_FILES = ("config.json", "generation_config.json")
 
 def write_hf_checkpoint(
     buckets: Iterable[list[tuple[str, torch.Tensor]]], out_dir: str | Path, config_dir: str | Path,
+    extra_files: Iterable[str | Path] = (),
 ) -> Path:
-    """Write one safetensors shard per bucket plus ``model.safetensors.index.json`` and the config
-    files of ``config_dir``, into a temporary sibling that is renamed to ``out_dir`` at the end.
+    """Write one safetensors shard per bucket plus ``model.safetensors.index.json``, the config
+    files of ``config_dir`` and ``extra_files`` (e.g. the tokenizer's, for a directory other runs
+    start from), into a temporary sibling that is renamed to ``out_dir`` at the end.
 
     A crash leaves either nothing at ``out_dir`` or a complete directory (plus a stale
     ``.tmp-*`` sibling). An existing ``out_dir`` is replaced: moved aside, then deleted.
@@ -71,6 +73,9 @@ def write_hf_checkpoint(
             if (Path(config_dir) / name).is_file():
                 shutil.copyfile(Path(config_dir) / name, tmp / name)
                 _fsync(tmp / name)
+        for path in map(Path, extra_files):
+            shutil.copyfile(path, tmp / path.name)
+            _fsync(tmp / path.name)
         _fsync(tmp)
         if out_dir.exists():
             trash = out_dir.parent / f".old-{out_dir.name}-{uuid.uuid4().hex[:8]}"

@@ -182,3 +182,30 @@ def test_two_process_expert_and_pipeline_parallel_runs_match_the_single_process_
     for a, b in zip(rows(luspo_run)[:3], rows(tmp_path)):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_the_sft_start_carries_its_tokenizer_so_a_second_run_can_start_from_it(tmp_path):
+    """``assets/hf_after_sft`` is the shared start of benchmarks/length_dynamics.py: it must hold the
+    run's (task-restricted) tokenizer, or a run started from it would fall back to the full Qwen3
+    vocabulary and map ids to the wrong embedding rows."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    first = tmp_path / "sft"
+    train(first, "--train-iters", "1", "--sft-warmup-steps", "2", "--sft-direct-fraction", "0.5")
+    start = first / "assets" / "hf_after_sft"
+    run_tok = AutoTokenizer.from_pretrained(str(first / "assets" / "tokenizer"))
+    start_tok = AutoTokenizer.from_pretrained(str(start))
+    assert start_tok.get_vocab() == run_tok.get_vocab() and len(start_tok) < 1000
+    init = {k: v for f in (first / "assets" / "hf_init").glob("*.safetensors") for k, v in load_file(f).items()}
+    after = {k: v for f in start.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert after.keys() == init.keys()
+    assert any(not (after[k] == init[k]).all() for k in init)  # the warm-up trained the weights it wrote
+
+    second = tmp_path / "rl"
+    train(second, "--train-iters", "1", "--hf-checkpoint", str(start))
+    # The second run took the start's tokenizer (no task tokenizer of its own): with the full Qwen3
+    # vocabulary its prompt ids would overflow the start's 128-row embedding.
+    assert not (second / "assets" / "tokenizer").exists()
+    samples = rows(second, "samples.jsonl")
+    assert samples and all("Start with" in json.dumps(s["prompt"]) for s in samples)
