@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from luspo_megatron.durable import fsync_path, replace_dir
 from luspo_megatron.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -39,28 +40,8 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(path.name + TMP_SUFFIX)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished ``tmp`` directory to ``final``, replacing an existing ``final`` (moved
-    aside first, deleted after), so that at every instant ``final`` is either the old or the new
-    complete directory."""
-    old = None
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
+# Publishing a directory by rename is shared with the rollout weight directories (durable.py).
+commit_dir = replace_dir
 
 
 def write_latest(root: Path, step: int) -> None:
@@ -70,7 +51,7 @@ def write_latest(root: Path, step: int) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, root / LATEST)
-    fsync_dir(root)
+    fsync_path(root)
 
 
 def complete_steps(root: Path) -> list[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import pickle
 import shutil
 import uuid
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+
+from luspo_megatron.durable import fsync_path, replace_dir
 
 # --------------------------------------------------------------------------------------------- disk
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
@@ -63,40 +64,27 @@ def write_hf_checkpoint(
             if duplicate:
                 raise ValueError(f"tensor {sorted(duplicate)[0]!r} was exported twice")
             save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
-            _fsync(tmp / shard)
+            fsync_path(tmp / shard)
             weight_map.update(dict.fromkeys(tensors, shard))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
         index_file = tmp / "model.safetensors.index.json"
         index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        _fsync(index_file)
+        fsync_path(index_file)
         for name in HF_CONFIG_FILES:
             if (Path(config_dir) / name).is_file():
                 shutil.copyfile(Path(config_dir) / name, tmp / name)
-                _fsync(tmp / name)
+                fsync_path(tmp / name)
         for path in map(Path, extra_files):
             shutil.copyfile(path, tmp / path.name)
-            _fsync(tmp / path.name)
-        _fsync(tmp)
-        if out_dir.exists():
-            trash = out_dir.parent / f".old-{out_dir.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, trash)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)  # atomic on one filesystem: the engine sees all or nothing
-        _fsync(out_dir.parent)
+            fsync_path(tmp / path.name)
+        fsync_path(tmp)
+        replace_dir(tmp, out_dir)  # atomic: the engine sees all or nothing
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------- distributed

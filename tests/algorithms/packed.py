@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from luspo_megatron.algorithms.losses import AGG_MODES
+
 
 @dataclass
 class PackedBatch:
@@ -60,3 +62,17 @@ def random_packed_batch(
     adv_seq = torch.randn(num_seqs, generator=gen, dtype=dtype)
     adv_tok = torch.randn(total, generator=gen, dtype=dtype)
     return PackedBatch(logp, old, rollout, ref, entropy, mask, cu, adv_seq, adv_tok)
+
+
+# The option matrix every loss implementation is checked over (eager library and fused op alike).
+OPTIONS = {
+    "plain": {},
+    "tis_token": {"use_tis": True, "tis_level": "token", "tis_clip": 1.5},
+    "tis_sequence": {"use_tis": True, "tis_level": "sequence", "tis_clip": 1.5},
+    "kl_k1": {"kl_coef": 0.3, "kl_type": "k1"},
+    "kl_k2": {"kl_coef": 0.3, "kl_type": "k2"},
+    "kl_k3": {"kl_coef": 0.3, "kl_type": "k3"},
+    "entropy": {"entropy_coef": 0.05},
+    "everything": {"use_tis": True, "tis_level": "token", "kl_coef": 0.1, "kl_type": "k3", "entropy_coef": 0.01},
+}
+CASES = [("grpo", agg) for agg in AGG_MODES] + [(name, None) for name in ("gspo", "gspo_token", "luspo")]

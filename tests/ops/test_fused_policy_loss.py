@@ -10,26 +10,15 @@ import zlib
 import pytest
 import torch
 
-from luspo_megatron.algorithms.losses import AGG_MODES, LossConfig, policy_loss
+from luspo_megatron.algorithms.losses import LossConfig, policy_loss
 from luspo_megatron.ops import PolicyLossSpec, backend, seq_policy_loss
 from luspo_megatron.ops.fused_policy_loss import TABLE_COLUMNS
 from tests.algorithms.naive import naive_policy_loss
-from tests.algorithms.packed import random_packed_batch
+from tests.algorithms.packed import CASES, OPTIONS, random_packed_batch
 from tests.ops.batches import long_batch, with_empty_sequences
 
 TOL = 1e-10
 
-OPTIONS = {
-    "plain": {},
-    "tis_token": {"use_tis": True, "tis_level": "token", "tis_clip": 1.5},
-    "tis_sequence": {"use_tis": True, "tis_level": "sequence", "tis_clip": 1.5},
-    "kl_k1": {"kl_coef": 0.3, "kl_type": "k1"},
-    "kl_k2": {"kl_coef": 0.3, "kl_type": "k2"},
-    "kl_k3": {"kl_coef": 0.3, "kl_type": "k3"},
-    "entropy": {"entropy_coef": 0.05},
-    "everything": {"use_tis": True, "tis_level": "token", "kl_coef": 0.1, "kl_type": "k3", "entropy_coef": 0.01},
-}
-CASES = [("grpo", agg) for agg in AGG_MODES] + [(name, None) for name in ("gspo", "gspo_token", "luspo")]
 CASE_IDS = [f"{n}-{a}" if a else n for n, a in CASES]
 
 
