@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv demo test test-all bench lint clean
+.PHONY: venv bench-deps demo test test-all bench lint clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): $(INSTALL_INPUTS)
 	$(PIP) install -c requirements/constraints.txt -r requirements/build.txt -r requirements/runtime.txt -r requirements/test.txt
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
+
+# TRL for benchmarks/vs_trl.py (not needed to train or test); installs offline from the pinned wheels.
+bench-deps: venv
+	$(PIP) install -c requirements/constraints.txt -r requirements/bench.txt
 
 demo: venv
 	$(PY) tools/train_luspo.py

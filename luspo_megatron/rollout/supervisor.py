@@ -28,8 +28,12 @@ class LocalEngines:
         self.count, self.seed, self.device, self.poll_s = count, seed, device, poll_s
         self.startup_timeout_s = startup_timeout_s
         self.log_dir = Path(log_dir) if log_dir is not None else None
-        # The trainer waits while the servers generate, so they may use the machine's cores.
-        self.threads = threads or max(1, min(4, os.cpu_count() or 1))
+        # The trainer waits while the servers generate, so they may use the machine's cores, unless
+        # OMP_NUM_THREADS says otherwise: more OpenMP threads than free cores (a shared machine) spin
+        # against each other, and generation then runs ~40x slower (docs/bench/vs_trl.md).
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        default = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, min(4, os.cpu_count() or 1))
+        self.threads = threads or default
         self._weights = (str(hf_dir), "default")
         self._lock = threading.Lock()
         self._stop = threading.Event()
