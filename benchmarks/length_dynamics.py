@@ -56,8 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sft-steps", type=int, default=None, help="shared SFT warm-up steps (default 300; quick 150)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each is a trainer + its rollout server)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "length_dynamics", help="run directories")
-    p.add_argument("--figure", type=Path, default=ROOT / "docs" / "length_dynamics.png")
-    p.add_argument("--report", type=Path, default=ROOT / "docs" / "bench" / "length_dynamics.md")
+    p.add_argument("--figure", type=Path, default=None,
+                   help="default docs/length_dynamics.png (--quick: docs/bench/length_dynamics_quick.png)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="default docs/bench/length_dynamics.md (--quick: docs/bench/length_dynamics_quick.md)")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: extra tools/train_luspo.py flags, given to every run")
     args = p.parse_args(argv)
@@ -65,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (8 if args.quick else 60)
     args.sft_steps = args.sft_steps or (150 if args.quick else 300)
     args.train_args = [a for a in args.train_args if a != "--"]
+    # The quick version never overwrites the full experiment's figure and table.
+    suffix = "_quick" if args.quick else ""
+    args.figure = args.figure or (ROOT / "docs" / "bench" / "length_dynamics_quick.png" if args.quick
+                                  else ROOT / "docs" / "length_dynamics.png")
+    args.report = args.report or ROOT / "docs" / "bench" / f"length_dynamics{suffix}.md"
     return args
 
 
