@@ -334,12 +334,20 @@ class DataConfig:
         4096, "--synthetic-num-prompts", help="Prompts of the built-in arithmetic task (without --prompt-data)."
     )
     synthetic_max_steps: int = opt(8, "--synthetic-max-steps", help="Hardest arithmetic level (operations).")
+    synthetic_sft_prompts: int = opt(
+        0, "--synthetic-sft-prompts",
+        help="Rows of the built-in task the SFT warm-up trains on (the same seeded draw, extended: the RL prompts "
+             "are its first rows); 0: the RL prompts. A larger pool keeps the warm-up from memorising the RL "
+             "prompts' answers.",
+    )
 
     def __post_init__(self) -> None:
         _positive(DataConfig, self, "max_prompt_len", "reward_num_workers", "synthetic_num_prompts",
                   "synthetic_max_steps")
         _check(self.format_reward_weight >= 0, DataConfig, "format_reward_weight", "≥ 0", self.format_reward_weight)
         _check(self.reward_timeout_s > 0, DataConfig, "reward_timeout_s", "> 0", self.reward_timeout_s)
+        _check(self.synthetic_sft_prompts >= 0, DataConfig, "synthetic_sft_prompts", "≥ 0 (0: the RL prompts)",
+               self.synthetic_sft_prompts)
         _check(0.0 <= self.sft_direct_fraction <= 1.0, DataConfig, "sft_direct_fraction", "a fraction in [0, 1]",
                self.sft_direct_fraction)
         if self.custom_reward_path is not None:

@@ -17,6 +17,7 @@ Everything here is deterministic in (config, seed), so a resumed run rebuilds id
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -67,10 +68,12 @@ class RunAssets:
         ``direct_solution`` column: the bare answer, no worked steps."""
         import random
 
-        data = self.config.data
+        from luspo_megatron.data.dataset import dataset_from_config
+
+        data = sft_data(self.config)
         tokenizer = self.tokenizer()
-        dataset = self.dataset(tokenizer)
-        rows = _raw_rows(self.config)
+        dataset = dataset_from_config(data, tokenizer, self.config.seed)
+        rows = _raw_rows(dataclasses.replace(self.config, data=data))
         rng = random.Random(self.config.seed)
         eos = self.stop_token_ids[0]
         targets = []
@@ -95,6 +98,15 @@ def arch_for_validation(config: RunConfig):
     return arch_from_hf(PRESETS[config.model.preset](vocab_size=VOCAB_MULTIPLE))
 
 
+def sft_data(config: RunConfig) -> Any:
+    """The data section the SFT warm-up reads: ``--synthetic-sft-prompts`` rows of the built-in task
+    when set (and no ``--prompt-data``), else the RL prompts."""
+    data = config.data
+    if data.prompt_data or not data.synthetic_sft_prompts:
+        return data
+    return dataclasses.replace(data, synthetic_num_prompts=data.synthetic_sft_prompts)
+
+
 def _raw_rows(config: RunConfig) -> list[dict[str, Any]]:
     if config.data.prompt_data:
         from luspo_megatron.data.dataset import read_rows
@@ -108,7 +120,10 @@ def _raw_rows(config: RunConfig) -> list[dict[str, Any]]:
 def _task_texts(config: RunConfig) -> tuple[list[str], list[list[dict[str, str]]]]:
     """Every text of the task (prompts as chats, labels, reference solutions), for the task vocabulary."""
     texts, chats = [], []
-    for row in _raw_rows(config):
+    rows = _raw_rows(config)
+    if config.sft_warmup_steps:  # the warm-up's pool is tokenised with the same vocabulary
+        rows += _raw_rows(dataclasses.replace(config, data=sft_data(config)))
+    for row in rows:
         prompt = row.get(config.data.input_key) if isinstance(row, dict) else None
         if isinstance(prompt, list):
             chats.append([{"role": m["role"], "content": m["content"]} for m in prompt])

@@ -22,6 +22,7 @@ weight version sent in every update call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -81,6 +82,8 @@ class SGLangEngine:
         self.backoff_s, self.max_backoff_s, self.health_poll_s = backoff_s, max_backoff_s, health_poll_s
         self.flush_retries, self.flush_retry_s, self.routed_layout = flush_retries, flush_retry_s, routed_layout
         self.weight_sync = weight_sync
+        # How long a retry waits for a refused (down) server to come back: its start-up budget.
+        self.restart_wait_s = startup_timeout_s if startup_timeout_s is not None else 600.0
         self.retries = 0  # failed attempts that were retried, over the engine's life (observability)
         self.router_url = router_url.rstrip("/") if router_url else None
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -188,6 +191,7 @@ class SGLangEngine:
                     return await self._post_generate(server, index, prompt, body, count)
             except (TimeoutError, _Retryable, aiohttp.ClientError) as err:
                 reason = _describe(err)
+                refused = isinstance(err, aiohttp.ClientConnectorError)
                 if attempt == self.max_retries:
                     raise RolloutError(
                         f"{server.url}/generate failed for prompt {index}: {reason} "
@@ -200,6 +204,12 @@ class SGLangEngine:
                 server.in_flight -= 1
             delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
             await asyncio.sleep(delay * random.uniform(0.75, 1.25))  # jitter: retries do not stampede
+            if refused and len(self._servers) == 1:
+                # Nothing listens: the only server is down, perhaps being restarted (a supervisor, a
+                # crashed SGLang worker brought back). Backoff alone (≈ 15 s over 5 retries) is shorter
+                # than a start-up on a loaded machine, so wait for it to be healthy again first.
+                with contextlib.suppress(RolloutError):
+                    await self._wait_url_healthy(server.url, self.restart_wait_s)
         raise AssertionError("unreachable")
 
     async def _post_generate(
@@ -233,23 +243,22 @@ class SGLangEngine:
         self._call(self._wait_healthy(timeout_s))
 
     async def _wait_healthy(self, timeout_s: float) -> None:
+        await asyncio.gather(*(self._wait_url_healthy(u, timeout_s) for u in self.worker_urls))
+
+    async def _wait_url_healthy(self, url: str, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-
-        async def one(url: str) -> None:
-            last = "no answer"
-            while loop.time() < deadline:
-                try:
-                    status, _ = await self._get(url, "/health_generate", timeout_s=min(30.0, timeout_s))
-                    if status == 200:
-                        return
-                    last = f"HTTP {status}"
-                except (TimeoutError, aiohttp.ClientError) as err:
-                    last = _describe(err)
-                await asyncio.sleep(self.health_poll_s)
-            raise RolloutError(f"{url}/health_generate: not healthy within {timeout_s:.0f} s (last: {last})")
-
-        await asyncio.gather(*(one(u) for u in self.worker_urls))
+        last = "no answer"
+        while loop.time() < deadline:
+            try:
+                status, _ = await self._get(url, "/health_generate", timeout_s=min(30.0, timeout_s))
+                if status == 200:
+                    return
+                last = f"HTTP {status}"
+            except (TimeoutError, aiohttp.ClientError) as err:
+                last = _describe(err)
+            await asyncio.sleep(self.health_poll_s)
+        raise RolloutError(f"{url}/health_generate: not healthy within {timeout_s:.0f} s (last: {last})")
 
     def health(self) -> bool:
         """True when every worker answers ``/health_generate`` with 200 now."""
