@@ -33,7 +33,8 @@ demo: venv
 test: venv
 	$(PYTEST) -m "not slow" tests
 
-test-all: venv
+# The slow tests, and the TRL loss check (tests/benchmarks), which needs the bench extra.
+test-all: bench-deps
 	$(PYTEST) tests
 
 # The quick versions of every benchmark (about 15 minutes on 2 cores); each rewrites its table in docs/bench/.

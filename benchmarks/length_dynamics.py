@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the ~5-minute version: 2 seeds, fewer steps")
     p.add_argument("--seeds", type=int, default=None, help="seeds per loss (default 3; quick 2)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default 60; quick 8)")
-    p.add_argument("--sft-steps", type=int, default=None, help="shared SFT warm-up steps (default 300; quick 150)")
+    p.add_argument("--sft-steps", type=int, default=None, help="shared SFT warm-up steps (default 600; quick 150)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each is a trainer + its rollout server)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "length_dynamics", help="run directories")
     p.add_argument("--figure", type=Path, default=None,
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.steps = args.steps or (8 if args.quick else 60)
-    args.sft_steps = args.sft_steps or (150 if args.quick else 300)
+    args.sft_steps = args.sft_steps or (150 if args.quick else 600)
     args.train_args = [a for a in args.train_args if a != "--"]
     # The quick version never overwrites the full experiment's figure and table.
     suffix = "_quick" if args.quick else ""
@@ -75,10 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# The task and batch every run shares (on top of examples/tiny_cpu.yaml). Three-operation chains
-# are hard enough that the bare answer is often wrong and easy enough for the worked solution.
-COMMON = ["--synthetic-max-steps", "3", "--rollout-batch-size", "16", "--n-samples-per-prompt", "8",
-          "--lr", "2e-4", "--rollout-max-response-len", "64"]
+# The task and batch every run shares (on top of examples/tiny_cpu.yaml, which gives the RL prompt
+# pool of 128 and the warm-up pool of 4096). One- and two-operation chains: on two operations the
+# worked line-per-operation answer can beat the bare one, so length can pay.
+COMMON = ["--synthetic-max-steps", "2", "--rollout-batch-size", "16", "--n-samples-per-prompt", "8",
+          "--lr", "3e-4", "--rollout-max-response-len", "64"]
 
 
 def train(log_dir: Path, flags: list[str]) -> Path:
