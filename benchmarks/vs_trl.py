@@ -548,9 +548,7 @@ def _where_time_goes(results: dict[str, dict[str, Any]]) -> list[str]:
         "through Megatron-Core with the chunked log-prob and the fused C++ LUSPO loss, then the optimizer. TRL "
         "pads to the longest row, computes log-probs and the entropy of every completion token through its "
         "chunked lm-head kernel, and runs the HF Trainer step (accelerate backward, grad clip, AdamW, metric "
-        "gathers). A cProfile of TRL's child process on the quick setting (same date, separate run) put "
-        "≈ 0.10 s/step in `_compute_loss`, ≈ 0.24 s/step in backward, and the rest of its non-generation time in "
-        "the Trainer's step and logging.",
+        "gathers).",
         f"- **Sync** ({ours['sync']:.2f} s ours): the new weights written as an HF checkpoint and reloaded by the "
         "rollout server (`--weight-sync disk`, the default); TRL has no equivalent because it generates with the "
         "training model.",
@@ -574,17 +572,12 @@ def _where_time_goes(results: dict[str, dict[str, Any]]) -> list[str]:
         "parsing around the same `generate`). These do not grow with the model the way the training compute "
         "does, so the comparison at hidden size 64 is the least favourable one for our architecture. Obvious "
         "next steps: `--weight-sync tensor` (in-memory push instead of a safetensors write + reload) and, for "
-        "CPU toy runs, an in-process rollout engine. The ratio is also noisy here: earlier `--quick` runs on "
-        "the same date, on this machine shared with other training jobs, gave 0.50×, 0.72× and 1.36× (the "
-        "contention lands on whichever framework runs at the time); the least contended of them (TRL at "
-        "0.6 s/step, close to its uncontended speed) gave 1.36×.")
+        "CPU toy runs, an in-process rollout engine. On a machine shared with other jobs the ratio moves a lot "
+        "between runs (contention lands on whichever framework runs at the time): compare it only with the "
+        "load averages above, and see docs/benchmarks.md for the spread over several runs.")
     lines.append(
-        "- **Threads.** While writing this benchmark we found that the local rollout server ignored "
-        "`OMP_NUM_THREADS` and always took min(4, cores) OpenMP threads. On this shared 2-core machine that "
-        "oversubscription made generating 16 × 32 tokens take 12–26 s instead of 0.3 s (1 thread, same load), "
-        "and it would have given our rollouts twice TRL's threads. `LocalEngines` now honours "
-        "`OMP_NUM_THREADS` when it is set (luspo_megatron/rollout/supervisor.py); every process in this "
-        "comparison runs with the same thread count.")
+        "- **Threads.** Every process in this comparison, our rollout server included (`LocalEngines` honours "
+        "`OMP_NUM_THREADS`), runs with the same thread count.")
     return lines
 
 
