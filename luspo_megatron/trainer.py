@@ -343,6 +343,7 @@ class Trainer:
             self.metrics_log.log(self.step, metrics)
             self.samples_log.maybe_log(self.step, self._sample_rows(batch))
             self.progress.update(metrics)
+        self._stop_if_diverged()
         return metrics
 
     # ---------------------------------------------------------------------- 1–4 (rank 0 only)
@@ -469,6 +470,9 @@ class Trainer:
         if not finite:
             logger.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): optimizer step skipped",
                            self.step, metrics.get("loss"), metrics.get("grad_norm"))
+
+    def _stop_if_diverged(self) -> None:
+        """After the step's metrics are logged: three skipped optimizer steps in a row end the run."""
         if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
             self._save()
             raise TrainingDiverged(

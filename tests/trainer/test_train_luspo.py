@@ -209,3 +209,59 @@ def test_the_sft_start_carries_its_tokenizer_so_a_second_run_can_start_from_it(t
     assert not (second / "assets" / "tokenizer").exists()
     samples = rows(second, "samples.jsonl")
     assert samples and all("Start with" in json.dumps(s["prompt"]) for s in samples)
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    """SIGTERM mid-run: the step in flight completes, a checkpoint of exactly the logged steps is
+    written, the process exits 0 and takes its rollout server with it."""
+    import signal
+
+    cmd = [sys.executable, str(ROOT / "tools" / "train_luspo.py"), *TINY, "--log-dir", str(tmp_path),
+           "--train-iters", "200", "--save", str(tmp_path / "ckpt"), "--save-interval", "1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ((tmp_path / "metrics.jsonl").exists() and rows(tmp_path)) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    logged = rows(tmp_path)
+    assert 1 <= len(logged) < 200
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == str(logged[-1]["step"])
+    time.sleep(1.0)
+    assert not _processes_mentioning(str(tmp_path)), "the rollout server outlived the trainer"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (the local server's holds the run's log dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "status").read_text()
+            except OSError:
+                continue
+            if text in cmdline and "zombie" not in state:
+                found.append(int(entry.name))
+    return found
+
+
+def test_three_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tmp_path):
+    """An absurd learning rate blows the weights up after step 1; every later loss is non-finite,
+    each of those optimizer steps is skipped (weights untouched), and the third in a row stops the
+    run with a one-line message, exit status 1 and a checkpoint."""
+    cmd = [sys.executable, str(ROOT / "tools" / "train_luspo.py"), *TINY, "--log-dir", str(tmp_path),
+           "--train-iters", "10", "--lr", "1e30", "--clip-grad", "0", "--save", str(tmp_path / "ckpt"),
+           "--save-interval", "1000"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 optimizer steps in a row had a non-finite loss or gradient" in proc.stderr.strip().splitlines()[-1]
+    logged = rows(tmp_path)
+    skipped = [r["skipped_steps"] for r in logged]
+    assert skipped[-3:] == [1, 1, 1] and len(logged) < 10
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == str(logged[-1]["step"])
