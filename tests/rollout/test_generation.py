@@ -149,3 +149,33 @@ def test_a_nucleus_wider_than_the_candidates_falls_back_to_a_full_sort():
     assert set(picks.tolist()) <= nucleus
     outside_candidates = set(order[NUCLEUS_CANDIDATES:].tolist())
     assert len(set(picks.tolist()) & outside_candidates) > 0  # reached past the top-k candidates
+
+
+def test_reload_of_the_same_architecture_copies_in_place_and_equals_a_fresh_load(tiny_moe, tiny_moe_b, tmp_path):
+    """The weight-sync path: same config.json, every parameter covered -> tensors copied into the
+    live model (no rebuild), bit-equal to loading the directory from scratch. A directory that
+    misses one tensor must not be half-applied: it goes to a from-scratch load instead, which
+    transformers refuses (it cannot fuse an incomplete expert set), and the live model stays as it was."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    generator = TransformersGenerator(tiny_moe)
+    live = generator.model
+    generator.reload(tiny_moe_b)
+    assert generator.model is live and generator.model_path == str(tiny_moe_b)
+    expected = TransformersGenerator(tiny_moe_b).model.state_dict()
+    state = generator.model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copyfile(tiny_moe / "config.json", partial / "config.json")
+    tensors = {k: v for f in sorted(tiny_moe.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    dropped = next(k for k in tensors if ".experts.1.up_proj" in k)
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(partial / "model.safetensors"))
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    with pytest.raises(RuntimeError, match="conversion of the weights"):
+        generator.reload(partial)
+    assert generator.model is live and generator.model_path == str(tiny_moe_b)
+    assert all(torch.equal(live.state_dict()[k], before[k]) for k in before)  # not half-applied
