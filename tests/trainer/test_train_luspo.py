@@ -184,6 +184,8 @@ def test_two_process_expert_and_pipeline_parallel_runs_match_the_single_process_
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+# Heavier end-to-end runs (make test-all): they keep make test under 10 minutes on 2 cores.
+@pytest.mark.slow
 def test_the_sft_start_carries_its_tokenizer_so_a_second_run_can_start_from_it(tmp_path):
     """``assets/hf_after_sft`` is the shared start of benchmarks/length_dynamics.py: it must hold the
     run's (task-restricted) tokenizer, or a run started from it would fall back to the full Qwen3
@@ -211,6 +213,7 @@ def test_the_sft_start_carries_its_tokenizer_so_a_second_run_can_start_from_it(t
     assert samples and all("Start with" in json.dumps(s["prompt"]) for s in samples)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     """SIGTERM mid-run: the step in flight completes, a checkpoint of exactly the logged steps is
     written, the process exits 0 and takes its rollout server with it."""
@@ -251,6 +254,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_three_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tmp_path):
     """An absurd learning rate blows the weights up after step 1; every later loss is non-finite,
     each of those optimizer steps is skipped (weights untouched), and the third in a row stops the
