@@ -120,10 +120,12 @@ def _raw_rows(config: RunConfig) -> list[dict[str, Any]]:
 def _task_texts(config: RunConfig) -> tuple[list[str], list[list[dict[str, str]]]]:
     """Every text of the task (prompts as chats, labels, reference solutions), for the task vocabulary."""
     texts, chats = [], []
-    rows = _raw_rows(config)
-    if config.sft_warmup_steps:  # the warm-up's pool is tokenised with the same vocabulary
-        rows += _raw_rows(dataclasses.replace(config, data=sft_data(config)))
-    for row in rows:
+    # The warm-up's pool needs the same vocabulary. Both synthetic draws come from one seeded
+    # sequence, so the larger of the two contains the other.
+    data = sft_data(config) if config.sft_warmup_steps else config.data
+    if data.synthetic_num_prompts < config.data.synthetic_num_prompts:
+        data = config.data
+    for row in _raw_rows(dataclasses.replace(config, data=data)):
         prompt = row.get(config.data.input_key) if isinstance(row, dict) else None
         if isinstance(prompt, list):
             chats.append([{"role": m["role"], "content": m["content"]} for m in prompt])

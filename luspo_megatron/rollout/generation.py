@@ -311,14 +311,12 @@ class TransformersGenerator:
 
         named = [item for f in sorted(Path(hf_dir).glob("*.safetensors")) for item in load_file(str(f)).items()]
         params = dict(self.model.named_parameters())
+        try:
+            plan = _copy_plan(named, params)
+        except (KeyError, ValueError):
+            return False
         covered: dict[int, int] = {}  # id(parameter) -> elements the directory provides for it
-        for name, tensor in named:
-            target, index = _fused_target(name, params)
-            if target is None:
-                return False
-            view = target if index is None else target[index]
-            if tuple(view.shape) != tuple(tensor.shape):
-                return False
+        for target, view, _ in plan:
             covered[id(target)] = covered.get(id(target), 0) + view.numel()
         # Distinct names map to disjoint views (whole tensors, or one expert's gate / up / down
         # block), so equal element counts mean every element of every parameter is written once.
@@ -326,7 +324,8 @@ class TransformersGenerator:
         names = [n for n, _ in named]
         if len(set(names)) != len(names) or any(covered.get(k, 0) != p.numel() for k, p in unique.items()):
             return False
-        self.load_named_tensors(named)
+        for _, view, tensor in plan:
+            view.copy_(tensor.to(view.device, view.dtype))
         return True
 
     @torch.no_grad()
@@ -340,17 +339,25 @@ class TransformersGenerator:
         """
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
-        loaded = 0
-        for name, tensor in named:
-            target, index = _fused_target(name, params)
-            if target is None:
-                raise KeyError(f"{name}: no such parameter in {type(self.model).__name__}")
-            view = target if index is None else target[index]
-            if tuple(view.shape) != tuple(tensor.shape):
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(view.shape)}")
+        plan = _copy_plan(named, params)
+        for _, view, tensor in plan:
             view.copy_(tensor.to(view.device, view.dtype))
-            loaded += 1
-        return loaded
+        return len(plan)
+
+
+def _copy_plan(named: list[tuple[str, torch.Tensor]], params: dict[str, torch.Tensor]):
+    """(parameter, the view of it a checkpoint tensor fills, that tensor) for each named tensor;
+    KeyError for an unknown name, ValueError for a shape mismatch, before anything is copied."""
+    plan = []
+    for name, tensor in named:
+        target, index = _fused_target(name, params)
+        if target is None:
+            raise KeyError(f"{name}: no such parameter")
+        view = target if index is None else target[index]
+        if tuple(view.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(view.shape)}")
+        plan.append((target, view, tensor))
+    return plan
 
 
 def _fused_target(name: str, params: dict[str, torch.Tensor]):

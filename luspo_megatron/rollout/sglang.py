@@ -402,10 +402,7 @@ class SGLangEngine:
                                                           timeout_s))
             finally:
                 results = await asyncio.gather(*posts, return_exceptions=True)
-            for url, result in zip(self.worker_urls, results):
-                if isinstance(result, BaseException):
-                    raise RolloutError(f"{url}/init_weights_update_group: {_describe(result)}")
-                _check_control(url, "/init_weights_update_group", *result)
+            _check_all(self.worker_urls, "/init_weights_update_group", results)
         self._call(init())
 
     def update_weights_from_distributed(self, buckets: Iterable[Bucket], weight_version: str) -> None:
@@ -429,10 +426,7 @@ class SGLangEngine:
                     await loop.run_in_executor(None, group.broadcast, tensors)
                 finally:
                     results = await asyncio.gather(*posts, return_exceptions=True)
-                for url, result in zip(self.worker_urls, results):
-                    if isinstance(result, BaseException):
-                        raise RolloutError(f"{url}/update_weights_from_distributed: {_describe(result)}")
-                    _check_control(url, "/update_weights_from_distributed", *result)
+                _check_all(self.worker_urls, "/update_weights_from_distributed", results)
         self._synced(update)
 
     def destroy_weights_update_group(self) -> None:
@@ -457,6 +451,15 @@ def _check_control(url: str, path: str, status: int, answer: Any) -> None:
     if status != 200 or (isinstance(answer, dict) and answer.get("success") is False):
         message = answer.get("message") if isinstance(answer, dict) else str(answer)
         raise RolloutError(f"{url}{path}: HTTP {status}: {str(message)[:300]}")
+
+
+def _check_all(urls: list[str], path: str, results: list) -> None:
+    """Per worker, a (status, answer) pair or the exception its post raised (asyncio.gather with
+    return_exceptions): the first failure becomes a RolloutError naming the worker."""
+    for url, result in zip(urls, results):
+        if isinstance(result, BaseException):
+            raise RolloutError(f"{url}{path}: {_describe(result)}")
+        _check_control(url, path, *result)
 
 
 def _describe(err: BaseException) -> str:
