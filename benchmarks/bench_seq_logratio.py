@@ -19,6 +19,7 @@ tensors come from its own allocator (malloc / mmap), not from Python's.
     it is coarse; the alloc column is the precise one there.
 
     python benchmarks/bench_seq_logratio.py [--quick] [--threads N] [--repeats N]
+    python benchmarks/bench_seq_logratio.py --device cuda     # the CUDA kernels (see main_cuda)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ OPTIONS = {
 }
 
 
-def make_inputs(total_tokens: int, num_seqs: int, seed: int = 0):
+def make_inputs(total_tokens: int, num_seqs: int, seed: int = 0, device: str = "cpu"):
     """Packed float32 batch: B sequences of random length (0.5–1.5 × T/B, 20 % prompt), exactly T tokens."""
     import torch
 
@@ -61,7 +62,7 @@ def make_inputs(total_tokens: int, num_seqs: int, seed: int = 0):
     mask = (position >= prompt).float()
     logp = -torch.rand(total_tokens, generator=gen) * 3
     old = logp + torch.randn(total_tokens, generator=gen) * 1e-2
-    return {
+    inputs = {
         "logp": logp,
         "old_logp": old,
         "rollout_logp": old + torch.randn(total_tokens, generator=gen) * 0.1,
@@ -70,6 +71,7 @@ def make_inputs(total_tokens: int, num_seqs: int, seed: int = 0):
         "cu_seqlens": cu,
         "advantages": torch.randn(num_seqs, generator=gen),
     }
+    return {key: value.to(device) for key, value in inputs.items()}
 
 
 def run_once(inputs, name: str, option: str, grad_mode: str | None = None):
@@ -103,13 +105,17 @@ def time_case(which: str, inputs, name: str, option: str, repeats: int, grad_mod
 
     _set_backend(which)
     assert backend() == ("reference" if which == "reference" else "cpp"), backend()
-    run_once(inputs, name, option, grad_mode)  # warm-up
+    return _time_calls(lambda: run_once(inputs, name, option, grad_mode), repeats)
+
+
+def _time_calls(call, repeats: int) -> list[float]:
+    call()  # warm-up
     times = []
     gc.disable()  # as timeit does: a cyclic-GC pass of the whole interpreter is not the op's time
     try:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            run_once(inputs, name, option, grad_mode)
+            call()
             times.append(time.perf_counter() - t0)
     finally:
         gc.enable()
@@ -200,13 +206,128 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
+# ---- GPU -------------------------------------------------------------------------------------------------------
+
+
+def _cuda_timed(call, repeats: int) -> list[float]:
+    """Seconds per call from CUDA events (one warm-up first); the host waits for the device after each."""
+    import torch
+
+    call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def _cuda_peak_extra(call) -> int:
+    import torch
+
+    call()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (as the kernels are)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / statistics.median(_cuda_timed(lambda: dst.copy_(src), repeats))
+
+
+def _kernel_call(inputs, name: str, option: str):
+    """The two fused kernels alone (forward writes the gradient; backward scales it): no metrics, no host
+    work beyond launching. Returns the call and the bytes it must move at least: every token array it
+    reads once, plus the gradient written once."""
+    from luspo_megatron.algorithms.losses import LossConfig
+    from luspo_megatron.ops import PolicyLossSpec, seq_policy_loss
+
+    cfg = LossConfig(name=name, **OPTIONS[option])
+    spec = PolicyLossSpec(loss=name, agg=cfg.agg, eps_lo=cfg.eps_clip, eps_hi=cfg.eps_clip_high,
+                          num_sequences=inputs["advantages"].numel(),
+                          tis_level=cfg.tis_level if cfg.use_tis else "none", tis_clip=cfg.tis_clip,
+                          kl_type=cfg.kl_type if cfg.kl_coef > 0 else "none", kl_coef=cfg.kl_coef)
+    rollout = inputs["rollout_logp"] if cfg.use_tis else None
+    ref = inputs["ref_logp"] if cfg.kl_coef > 0 else None
+
+    def call():
+        logp = inputs["logp"].detach().requires_grad_(True)
+        out = seq_policy_loss(logp, inputs["old_logp"], inputs["loss_mask"], inputs["cu_seqlens"],
+                              inputs["advantages"], spec, rollout_logp=rollout, ref_logp=ref)
+        out.loss.backward()
+
+    arrays = 3 + (rollout is not None) + (ref is not None) + 1  # logp, old, mask, [rollout], [ref], grad
+    return call, arrays * inputs["logp"].numel() * inputs["logp"].element_size()
+
+
+def main_cuda(args) -> None:
+    """GPU table: policy_loss forward + backward (as the trainer calls it, metrics included) on the CUDA
+    kernels vs the eager reference on the same GPU, the kernels' own time and their effective bandwidth
+    (the bytes they must move at least / time) against a device-to-device copy measured in the same run."""
+    import torch
+
+    from luspo_megatron.ops import backend
+
+    repeats = args.repeats or (5 if args.quick else 20)
+    sizes = [(10**5, 64), (10**6, 64), (10**6, 1024), (4 * 10**6, 1024), (8 * 10**6, 1024), (8 * 10**6, 16384)]
+    if args.quick:
+        sizes = [(10**6, 64), (8 * 10**6, 1024)]
+    cases = [("luspo", "plain"), ("luspo", "tis+kl"), ("grpo", "plain"), ("grpo", "tis+kl")]
+    copy_bw = _copy_bandwidth(8 * 10**6 * 4 * 6, repeats)
+    print(f"# bench_seq_logratio --device cuda  {date.today()}  {torch.cuda.get_device_name()}  "
+          f"torch {torch.__version__}  CUDA {torch.version.cuda}  repeats={repeats}  float32")
+    print(f"# device-to-device copy (bytes read + written): {copy_bw / 1e9:.0f} GB/s")
+    print("# policy_loss fwd+bwd: the whole call as the trainer makes it (metrics included), median ms")
+    print("# kernels: the two fused kernels alone, median ms; effective GB/s = (token arrays read once + gradient "
+          "written once) / time; extra = peak allocation over one call in token arrays (T x 4 B)")
+    header = ("| loss | options | T | B | eager policy_loss | cuda policy_loss | speed-up | kernels ms "
+              "| effective GB/s | % of copy | eager extra | cuda extra |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name, option in cases:
+        for total, seqs in sizes:
+            inputs = make_inputs(total, seqs, device="cuda")
+            result = {}
+            for which in ("reference", "cuda"):
+                _set_backend(which)
+                assert backend() == which, backend()
+                call = lambda: run_once(inputs, name, option)  # noqa: E731
+                result[which] = (statistics.median(_cuda_timed(call, repeats)), _cuda_peak_extra(call))
+            kernels, nbytes = _kernel_call(inputs, name, option)
+            k_time = statistics.median(_cuda_timed(kernels, repeats))
+            array = total * 4
+            print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(result['reference'][0])} "
+                  f"| {_ms(result['cuda'][0])} | {result['reference'][0] / result['cuda'][0]:.1f}x | {_ms(k_time)} "
+                  f"| {nbytes / k_time / 1e9:.0f} | {100 * nbytes / k_time / copy_bw:.0f}% "
+                  f"| {result['reference'][1] / array:.1f} | {result['cuda'][1] / array:.1f} |", flush=True)
+            del inputs
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="luspo only, fewer repeats (make bench)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the CUDA kernels on the GPU (needs a CUDA build of csrc/)")
     parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda":
+        main_cuda(args)
+        return
     if args.memory_child:
         which, total, seqs, name, option, mode = args.memory_child
         memory_child(which, int(total), int(seqs), name, option, None if mode == "default" else mode)
