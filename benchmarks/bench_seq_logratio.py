@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -272,16 +273,57 @@ def _kernel_call(inputs, name: str, option: str):
     return call, arrays * inputs["logp"].numel() * inputs["logp"].element_size()
 
 
-def main_cuda(args) -> None:
-    """GPU table: policy_loss forward + backward (as the trainer calls it, metrics included) on the CUDA
-    kernels vs the eager reference on the same GPU, the kernels' own time and their effective bandwidth
-    (the bytes they must move at least / time) against a device-to-device copy measured in the same run."""
+def _device_time(call, repeats: int) -> tuple[float, list[tuple[str, float]]]:
+    """Seconds of GPU kernel time per call (torch profiler, CUDA activity: the kernels' own durations, not
+    the host's launch latency), and the per-kernel split (name, seconds per call)."""
     import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            call()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e6 / repeats
+    split = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    return sum(per_kernel.values()), split
+
+
+def _cuda_row(inputs, name: str, option: str, repeats: int, copy_bw: float) -> tuple[str, list]:
     from luspo_megatron.ops import backend
 
+    result = {}
+    for which in ("reference", "cuda"):
+        _set_backend(which)
+        assert backend() == which, backend()
+        call = functools.partial(run_once, inputs, name, option)
+        result[which] = (statistics.median(_cuda_timed(call, repeats)), _cuda_peak_extra(call))
+    kernels, nbytes = _kernel_call(inputs, name, option)
+    device_s, split = _device_time(kernels, repeats)
+    total, seqs = inputs["logp"].numel(), inputs["advantages"].numel()
+    array = total * 4
+    row = (f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(result['reference'][0])} "
+           f"| {_ms(result['cuda'][0])} | {result['reference'][0] / result['cuda'][0]:.1f}x | {device_s * 1e3:.3f} "
+           f"| {nbytes / device_s / 1e9:.0f} | {100 * nbytes / device_s / copy_bw:.0f}% "
+           f"| {result['reference'][1] / array:.1f} | {result['cuda'][1] / array:.1f} |")
+    return row, split
+
+
+def main_cuda(args) -> None:
+    """GPU table: policy_loss forward + backward (as the trainer calls it, metrics included) on the CUDA
+    kernels vs the eager reference on the same GPU (host wall time: at these sizes the eager path is
+    launch-bound), then the fused kernels' own GPU time and their effective bandwidth (the bytes they must
+    move at least / kernel time) against a device-to-device copy measured in the same run."""
+    import torch
+
     repeats = args.repeats or (5 if args.quick else 20)
-    sizes = [(10**5, 64), (10**6, 64), (10**6, 1024), (4 * 10**6, 1024), (8 * 10**6, 1024), (8 * 10**6, 16384)]
+    sizes = [(10**5, 64), (10**6, 64), (10**6, 1024), (4 * 10**6, 1024), (8 * 10**6, 1024), (8 * 10**6, 16384),
+             (32 * 10**6, 16384)]
     if args.quick:
         sizes = [(10**6, 64), (8 * 10**6, 1024)]
     cases = [("luspo", "plain"), ("luspo", "tis+kl"), ("grpo", "plain"), ("grpo", "tis+kl")]
@@ -289,31 +331,27 @@ def main_cuda(args) -> None:
     print(f"# bench_seq_logratio --device cuda  {date.today()}  {torch.cuda.get_device_name()}  "
           f"torch {torch.__version__}  CUDA {torch.version.cuda}  repeats={repeats}  float32")
     print(f"# device-to-device copy (bytes read + written): {copy_bw / 1e9:.0f} GB/s")
-    print("# policy_loss fwd+bwd: the whole call as the trainer makes it (metrics included), median ms")
-    print("# kernels: the two fused kernels alone, median ms; effective GB/s = (token arrays read once + gradient "
-          "written once) / time; extra = peak allocation over one call in token arrays (T x 4 B)")
-    header = ("| loss | options | T | B | eager policy_loss | cuda policy_loss | speed-up | kernels ms "
+    print("# policy_loss fwd+bwd: the whole call as the trainer makes it (metrics included), host wall, median ms")
+    print("# kernel ms: GPU time of the fused kernels alone per forward+backward (profiler); effective GB/s = "
+          "(token arrays read once + gradient written once) / kernel time; extra = peak allocation over one "
+          "policy_loss call in token arrays (T x 4 B)")
+    header = ("| loss | options | T | B | eager policy_loss ms | cuda policy_loss ms | speed-up | kernel ms "
               "| effective GB/s | % of copy | eager extra | cuda extra |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
+    splits = {}
     for name, option in cases:
         for total, seqs in sizes:
             inputs = make_inputs(total, seqs, device="cuda")
-            result = {}
-            for which in ("reference", "cuda"):
-                _set_backend(which)
-                assert backend() == which, backend()
-                call = lambda: run_once(inputs, name, option)  # noqa: E731
-                result[which] = (statistics.median(_cuda_timed(call, repeats)), _cuda_peak_extra(call))
-            kernels, nbytes = _kernel_call(inputs, name, option)
-            k_time = statistics.median(_cuda_timed(kernels, repeats))
-            array = total * 4
-            print(f"| {name} | {option} | {total:.0e} | {seqs} | {_ms(result['reference'][0])} "
-                  f"| {_ms(result['cuda'][0])} | {result['reference'][0] / result['cuda'][0]:.1f}x | {_ms(k_time)} "
-                  f"| {nbytes / k_time / 1e9:.0f} | {100 * nbytes / k_time / copy_bw:.0f}% "
-                  f"| {result['reference'][1] / array:.1f} | {result['cuda'][1] / array:.1f} |", flush=True)
+            row, splits[(name, option, total, seqs)] = _cuda_row(inputs, name, option, repeats, copy_bw)
+            print(row, flush=True)
             del inputs
             torch.cuda.empty_cache()
+    print("\n# where the kernel time goes (GPU time per forward+backward, us)")
+    for key in [("luspo", "plain", 8 * 10**6, 1024), ("grpo", "tis+kl", 8 * 10**6, 1024)]:
+        if key in splits:
+            print(f"- {key[0]} {key[1]} T={key[2]:.0e} B={key[3]}: "
+                  + ", ".join(f"{n[:60]} {t * 1e6:.1f}" for n, t in splits[key][:6]))
 
 
 def main() -> None:

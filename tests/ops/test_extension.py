@@ -11,7 +11,7 @@ import torch
 
 from luspo_megatron.algorithms import losses
 from luspo_megatron.algorithms.losses import LossConfig, policy_loss
-from luspo_megatron.ops import _extension, backend, seq_policy_loss
+from luspo_megatron.ops import _extension, backend, fused_available, seq_policy_loss
 from tests.algorithms.packed import random_packed_batch
 
 
@@ -37,7 +37,7 @@ def _forbid(monkeypatch, name):
 
 def test_policy_loss_runs_on_the_extension_when_built(monkeypatch):
     monkeypatch.delenv("LUSPO_FORCE_REFERENCE", raising=False)
-    assert backend() == "cpp"
+    assert backend() in ("cpp", "cuda") and fused_available(torch.device("cpu"))
     _, call = _batch_and_call()
     expected = call()
     _forbid(monkeypatch, "_policy_loss_reference")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from luspo_megatron.algorithms.losses import LossConfig, policy_loss
-from luspo_megatron.ops import PolicyLossSpec, backend, seq_policy_loss
+from luspo_megatron.ops import PolicyLossSpec, backend, fused_available, seq_policy_loss
 from luspo_megatron.ops.fused_policy_loss import TABLE_COLUMNS
 from tests.algorithms.naive import naive_policy_loss
 from tests.algorithms.packed import CASES, OPTIONS, random_packed_batch
@@ -24,14 +24,16 @@ CASE_IDS = [f"{n}-{a}" if a else n for n, a in CASES]
 
 @pytest.fixture
 def use_backend(monkeypatch):
-    """Select the extension ("cpp") or the reference for the calls that follow, and check the selection."""
+    """Select the extension ("cpp") or the reference for the calls that follow, and check the selection for
+    CPU tensors (``backend()`` names the machine's best backend: "cuda" on a GPU machine with CUDA kernels)."""
 
     def select(name: str) -> None:
         if name == "reference":
             monkeypatch.setenv("LUSPO_FORCE_REFERENCE", "1")
         else:
             monkeypatch.delenv("LUSPO_FORCE_REFERENCE", raising=False)
-        assert backend() == name
+        assert fused_available(torch.device("cpu")) == (name == "cpp")
+        assert (backend() == "reference") == (name == "reference")
 
     return select
 

@@ -34,11 +34,11 @@ def test_seq_logratio_reference_equals_loop_and_is_differentiable():
 
 def test_seq_logratio_on_the_extension_equals_the_reference(monkeypatch):
     monkeypatch.delenv("LUSPO_FORCE_REFERENCE", raising=False)
-    from luspo_megatron.ops import backend, seq_logratio
+    from luspo_megatron.ops import backend, fused_available, seq_logratio
     from tests.algorithms.packed import random_packed_batch
     from tests.ops.batches import with_empty_sequences
 
-    assert backend() == "cpp"
+    assert backend() in ("cpp", "cuda") and fused_available(torch.device("cpu"))
     gen = torch.Generator().manual_seed(6)
     batch = with_empty_sequences(random_packed_batch(gen, num_seqs=7, trailing_pad=4), gen, count=2)
     grads = []
