@@ -99,7 +99,7 @@ def _run(variant: str, setting: str, args: dict, queue) -> None:
         step()
         sync()
         times.append(time.perf_counter() - start)
-    chunk = args["chunk_size"] or default_chunk_size(vocab)
+    chunk = args["chunk_size"] or default_chunk_size(vocab, device)
     queue.put({"variant": variant, "setting": setting, "peak": peak, "time": statistics.median(times), "device": device,
                "chunk": chunk, "logp_sum": float(logp.double().sum())})
 
@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=None, help="default 1024 (256 with --quick)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: a 64 MiB fp32 buffer)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="tokens per chunk (default: 64 MiB fp32 on CPU, 512 MiB on GPU)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     args = parser.parse_args()

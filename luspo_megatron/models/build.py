@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -87,5 +88,9 @@ def build_model(
         )
         for param in model.parameters():
             set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        if not config.use_cpu_initialization and torch.cuda.is_available():
+            # Megatron's parallel linears allocate on the current GPU, but norms, routers and the local
+            # experts are plain modules created on the CPU: move the whole chunk, as Megatron-LM's get_model.
+            model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
