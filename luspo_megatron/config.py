@@ -141,8 +141,10 @@ class RolloutConfig:
     """Where rollouts come from and how they are sampled (flags follow slime)."""
 
     engine: str = opt(
-        "local", "--rollout-engine", help="local: start our SGLang-API server; sglang: external SGLang servers.",
-        choices=("local", "sglang"),
+        "local", "--rollout-engine",
+        help="local: start our SGLang-API server; sglang: external SGLang servers; inprocess: generate in the "
+             "trainer's process (rank 0) with the same engine, no HTTP (CPU and toy models).",
+        choices=("local", "sglang", "inprocess"),
     )
     sglang_url: tuple[str, ...] = opt((), "--sglang-url", help="SGLang server URLs (load-balanced).", nargs="+")
     sglang_router: str | None = opt(None, "--sglang-router", help="sglang-router URL (instead of --sglang-url).")
@@ -194,6 +196,9 @@ class RolloutConfig:
         if self.engine == "local":
             _check(self.weight_sync == "disk", RolloutConfig, "weight_sync", "disk for the local engine",
                    self.weight_sync)
+        if self.engine == "inprocess":
+            _check(self.weight_sync in ("disk", "tensor"), RolloutConfig, "weight_sync",
+                   "disk or tensor for the inprocess engine", self.weight_sync)
 
 
 # ----------------------------------------------------------------------------------------- algorithm

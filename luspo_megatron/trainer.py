@@ -224,6 +224,13 @@ class Trainer:
         from luspo_megatron.rollout.supervisor import LocalEngines
 
         cfg = self.config.rollout
+        if cfg.engine == "inprocess":
+            from luspo_megatron.rollout.inprocess import InProcessEngine
+
+            with InProcessEngine(self.run_assets.hf_dir, device=cfg.local_device, seed=self.config.seed,
+                                 return_routed_experts=cfg.use_rollout_routing_replay) as engine:
+                yield engine
+            return
         if cfg.engine == "sglang":
             engine = (SGLangEngine.from_router(cfg.sglang_router, **self._client_options()) if cfg.sglang_router
                       else SGLangEngine(list(cfg.sglang_url), **self._client_options()))

@@ -51,6 +51,7 @@ def test_config_is_frozen():
         (["--global-batch-size", "7"], "--global-batch-size"),
         (["--lr", "abc"], "--lr"),
         (["--rollout-engine", "sglang"], "--sglang-url"),
+        (["--rollout-engine", "inprocess", "--weight-sync", "distributed"], "--weight-sync"),
         (["--pp", "1", "--vpp", "2"], "--virtual-pipeline-model-parallel-size"),
     ],
 )

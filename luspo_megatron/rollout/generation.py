@@ -303,30 +303,39 @@ class TransformersGenerator:
             logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([stopper]),
         )
 
-    @torch.no_grad()
     def _load_in_place(self, hf_dir: str | Path) -> bool:
         """Copy every tensor of ``hf_dir``'s safetensors into the live model, if together they cover
         each parameter exactly once; False (the model untouched) otherwise."""
         from safetensors.torch import load_file
 
         named = [item for f in sorted(Path(hf_dir).glob("*.safetensors")) for item in load_file(str(f)).items()]
-        params = dict(self.model.named_parameters())
         try:
-            plan = _copy_plan(named, params)
+            self.load_full_state(named)
         except (KeyError, ValueError):
             return False
-        covered: dict[int, int] = {}  # id(parameter) -> elements the directory provides for it
+        return True
+
+    @torch.no_grad()
+    def load_full_state(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors that together cover every parameter exactly once into the live model;
+        KeyError / ValueError (the model untouched) for an unknown name, a shape mismatch, a duplicate
+        or a parameter left out."""
+        params = dict(self.model.named_parameters())
+        plan = _copy_plan(named, params)
+        covered: dict[int, int] = {}  # id(parameter) -> elements the tensors provide for it
         for target, view, _ in plan:
             covered[id(target)] = covered.get(id(target), 0) + view.numel()
         # Distinct names map to disjoint views (whole tensors, or one expert's gate / up / down
         # block), so equal element counts mean every element of every parameter is written once.
-        unique = {id(p): p for p in params.values()}  # tied parameters appear once
+        unique = {id(p): (n, p) for n, p in params.items()}  # tied parameters appear once
         names = [n for n, _ in named]
-        if len(set(names)) != len(names) or any(covered.get(k, 0) != p.numel() for k, p in unique.items()):
-            return False
+        if len(set(names)) != len(names):
+            raise ValueError("a tensor name appears twice")
+        missing = [n for k, (n, p) in unique.items() if covered.get(k, 0) != p.numel()]
+        if missing:
+            raise ValueError(f"{len(missing)} parameter(s) not covered exactly, e.g. {missing[0]}")
         for _, view, tensor in plan:
             view.copy_(tensor.to(view.device, view.dtype))
-        return True
 
     @torch.no_grad()
     def load_named_tensors(self, named: list[tuple[str, torch.Tensor]]) -> int:

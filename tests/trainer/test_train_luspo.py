@@ -142,6 +142,21 @@ def test_two_process_tensor_parallel_run_matches_the_single_process_run(luspo_ru
         assert b["response_len_mean"] == a["response_len_mean"]
 
 
+def test_inprocess_engine_run_samples_and_trains_exactly_as_the_local_server_run(luspo_run, tmp_path):
+    # The same seeds reach the same generator either way (rollout/inprocess.py), and the in-memory
+    # weight sync hands over the very float32 tensors the disk sync writes: the runs must agree.
+    log_dir = tmp_path / "inprocess"
+    train(log_dir, "--train-iters", "3", "--loss", "luspo", "--rollout-engine", "inprocess", "--weight-sync", "tensor")
+    assert not (log_dir / "rollout_servers").exists() and not (log_dir / "rollout_weights").exists()
+    served, inprocess = rows(luspo_run)[:3], check_on_policy_losses(log_dir, "luspo")
+    for a, b in zip(served, inprocess):
+        assert b["response_len_mean"] == a["response_len_mean"] and b["reward_mean"] == a["reward_mean"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    texts = [[s["response"] for s in rows(d, "samples.jsonl") if s["step"] <= 3] for d in (luspo_run, log_dir)]
+    assert texts[0] == texts[1]
+
+
 def _kill_server_mid_rollout(log_dir: Path, stop: threading.Event) -> None:
     """Once the local server is up, make it exit on its 3rd next /generate (mid-rollout)."""
     log = log_dir / "rollout_servers" / "server_0.log"
