@@ -172,6 +172,7 @@ def _kill_server_mid_rollout(log_dir: Path, stop: threading.Event) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # ≈ 30 s; the client's retries and the supervisor's restart are also tested in tests/rollout
 def test_gspo_run_survives_its_rollout_server_dying_mid_rollout(tmp_path):
     stop = threading.Event()
     killer = threading.Thread(target=_kill_server_mid_rollout, args=(tmp_path, stop), daemon=True)
@@ -186,7 +187,8 @@ def test_gspo_run_survives_its_rollout_server_dying_mid_rollout(tmp_path):
 
 
 def test_grpo_run_token_mean_loss_equals_its_closed_form(tmp_path):
-    train(tmp_path, "--train-iters", "2", "--loss", "grpo")
+    # The in-process engine: no server start-up, and the closed form also covers that path for GRPO.
+    train(tmp_path, "--train-iters", "2", "--loss", "grpo", "--rollout-engine", "inprocess", "--weight-sync", "tensor")
     check_on_policy_losses(tmp_path, "grpo")
 
 
