@@ -249,8 +249,11 @@ class Trainer:
 
     def _client_options(self) -> dict[str, Any]:
         cfg = self.config.rollout
-        return {"max_concurrency": cfg.max_concurrency, "request_timeout_s": cfg.request_timeout_s,
-                "max_retries": cfg.max_retries}
+        options = {"max_concurrency": cfg.max_concurrency, "request_timeout_s": cfg.request_timeout_s,
+                   "max_retries": cfg.max_retries}
+        if cfg.use_rollout_routing_replay:  # ask every server for the experts it routed each token to (R3)
+            options["routed_layout"] = (self.policy.arch.num_layers, self.policy.arch.moe_router_topk)
+        return options
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame) -> None:  # finish the step, save, exit (checked between steps)

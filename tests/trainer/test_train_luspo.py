@@ -157,6 +157,18 @@ def test_inprocess_engine_run_samples_and_trains_exactly_as_the_local_server_run
     assert texts[0] == texts[1]
 
 
+def test_routing_replay_run_gets_the_servers_routing_and_stays_on_policy(luspo_run, tmp_path):
+    # R3 through the local server: the client must ask for routed_experts (it did not, and the run
+    # stopped at the first step). On-policy, replaying the rollout's routing changes nothing: the
+    # closed-form loss holds and step 1 equals the run without replay.
+    log_dir = tmp_path / "r3"
+    train(log_dir, "--train-iters", "2", "--loss", "luspo", "--use-rollout-routing-replay")
+    metrics = check_on_policy_losses(log_dir, "luspo")
+    first = rows(luspo_run)[0]
+    assert metrics[0]["loss"] == pytest.approx(first["loss"], rel=1e-6, abs=1e-7)
+    assert metrics[0]["response_len_mean"] == first["response_len_mean"]
+
+
 def _kill_server_mid_rollout(log_dir: Path, stop: threading.Event) -> None:
     """Once the local server is up, make it exit on its 3rd next /generate (mid-rollout)."""
     log = log_dir / "rollout_servers" / "server_0.log"
