@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
     LogitsProcessor,
@@ -393,10 +392,3 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def hf_config_facts(hf_dir: str | Path) -> dict:
-    """num_layers and top_k of an MoE directory (routing-replay layout), or {} for dense models."""
-    config = AutoConfig.from_pretrained(str(hf_dir))
-    top_k = getattr(config, "num_experts_per_tok", None)
-    return {"num_layers": config.num_hidden_layers, "top_k": top_k} if top_k else {}

@@ -85,8 +85,6 @@ def write_hf_checkpoint(
     return out_dir
 
 
-
-
 # ------------------------------------------------------------------------------------- distributed
 class UpdateGroup:
     """A process group of its own (not the trainer's default group) for weight broadcasts.

@@ -25,6 +25,15 @@ def with_empty_sequences(batch: PackedBatch, gen: torch.Generator, count: int) -
     )
 
 
+def on(batch: PackedBatch, device: str, dtype: torch.dtype | None = None) -> PackedBatch:
+    """``batch`` on ``device``; floating tensors also cast to ``dtype`` when given."""
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
+
+    return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+
+
 def long_batch(gen: torch.Generator, total_tokens: int, max_response: int, ratio_noise: float = 1e-2) -> PackedBatch:
     """Roughly ``total_tokens`` tokens of random-length sequences (some empty), trailing padding."""
     num_seqs = max(1, total_tokens // (max_response // 2 + 3))

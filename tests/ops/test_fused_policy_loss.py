@@ -12,12 +12,16 @@ import torch
 
 from luspo_megatron.algorithms.losses import LossConfig, policy_loss
 from luspo_megatron.ops import PolicyLossSpec, backend, fused_available, seq_policy_loss
+from luspo_megatron.ops._extension import _has_cuda_kernels
 from luspo_megatron.ops.fused_policy_loss import TABLE_COLUMNS
 from tests.algorithms.naive import naive_policy_loss
 from tests.algorithms.packed import CASES, OPTIONS, random_packed_batch
-from tests.ops.batches import long_batch, with_empty_sequences
+from tests.ops.batches import long_batch, on, with_empty_sequences
 
 TOL = 1e-10
+# The checks that hold as written on any device run on the CUDA kernels too, where a GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and _has_cuda_kernels()), reason="needs a GPU and a CUDA build of csrc/"))]
 
 CASE_IDS = [f"{n}-{a}" if a else n for n, a in CASES]
 
@@ -204,14 +208,16 @@ def test_same_inputs_give_bit_identical_outputs_for_any_thread_count(name, agg):
             assert torch.equal(a, b)
 
 
-def test_padding_masked_tokens_and_empty_sequences_give_zero_never_nan():
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_masked_tokens_and_empty_sequences_give_zero_never_nan(device):
     # Garbage log-probs (inf, nan) on prompt tokens, masked EOS and trailing padding must not leak.
-    cu = torch.tensor([0, 3, 3, 7, 7, 9], dtype=torch.int32)  # sequences 1 and 3 have no tokens
-    mask = torch.tensor([0, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1], dtype=torch.float64)  # tokens 9, 10: padding, mask 1
+    cu = torch.tensor([0, 3, 3, 7, 7, 9], dtype=torch.int32, device=device)  # sequences 1 and 3 have no tokens
+    # tokens 9, 10: padding, mask 1
+    mask = torch.tensor([0, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1], dtype=torch.float64, device=device)
     logp = torch.tensor([math.inf, -1.0, -0.5, math.nan, -0.7, -math.inf, -0.2, -0.3, -0.4, math.nan, math.inf],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=device)
     old = torch.where(mask.bool() & torch.isfinite(logp), logp - 1e-3, torch.full_like(logp, -1.0))
-    adv = torch.tensor([1.0, 2.0, -1.0, 3.0, 0.5], dtype=torch.float64)
+    adv = torch.tensor([1.0, 2.0, -1.0, 3.0, 0.5], dtype=torch.float64, device=device)
     for name, agg in CASES:
         cfg = LossConfig(name=name, agg=agg)
         spec = PolicyLossSpec(loss=name, agg=cfg.agg, eps_lo=cfg.eps_clip, eps_hi=cfg.eps_clip_high, num_sequences=5,
@@ -220,7 +226,7 @@ def test_padding_masked_tokens_and_empty_sequences_give_zero_never_nan():
         out = seq_policy_loss(x, old, mask, cu, adv, spec, rollout_logp=old, ref_logp=old)
         out.loss.backward()
         assert torch.isfinite(out.loss) and torch.isfinite(out.table).all() and torch.isfinite(x.grad).all()
-        response = torch.tensor([0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0], dtype=torch.bool)
+        response = torch.tensor([0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0], dtype=torch.bool, device=device)
         assert (x.grad[~response] == 0).all()
         assert (out.table[[1, 3], : TABLE_COLUMNS.index("grad_abs") + 1] == 0).all()
         assert out.sums[:, 1].tolist() == [2.0, 0.0, 2.0, 0.0, 2.0]
@@ -267,9 +273,10 @@ def test_mixed_input_dtypes_are_read_in_the_accumulation_dtype(use_backend):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
 
-def test_custom_ops_pass_torch_library_opcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ops_pass_torch_library_opcheck(device):
     gen = torch.Generator().manual_seed(2)
-    batch = random_packed_batch(gen, num_seqs=4, trailing_pad=2)
+    batch = on(random_packed_batch(gen, num_seqs=4, trailing_pad=2), device)
     phase1_args = (batch.logp, batch.old_logp, batch.rollout_logp, batch.loss_mask, batch.cu_seqlens, "luspo",
                    "sequence", 2.0)
     torch.library.opcheck(torch.ops.luspo.seq_logratio_phase1.default, phase1_args)
