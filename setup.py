@@ -1,6 +1,6 @@
 """Packaging for luspo_megatron. Runtime pins live in requirements/runtime.txt (one place).
 
-The csrc/ extension (``luspo_megatron._C``, DESIGN.md §3) is built here: the CPU kernels always, the CUDA
+The csrc/ extension (``luspo_megatron._C``, docs/design.md §3) is built here: the CPU kernels always, the CUDA
 kernels as well where ``nvcc`` and a CUDA build of torch both exist. ``make venv`` builds it in place with
 ``pip install --no-build-isolation -e .`` (the build must see the installed torch). Set
 ``LUSPO_NO_EXTENSION=1`` to skip it: ``luspo_megatron.ops`` then falls back to the pure-PyTorch reference.

@@ -61,7 +61,7 @@ def over_http(engine, batch, concurrency, sampling) -> int:
 
 def in_process(generator, batch, concurrency, new_tokens) -> int:
     """The same batches straight into the generator (no HTTP, no server process)."""
-    from luspo_megatron.rollout.generation import GenRow
+    from luspo_megatron.rollout.local.generation import GenRow
 
     return sum(len(r.tokens) for start in range(0, len(batch), concurrency)
                for r in generator.generate([GenRow(p, new_tokens, seed=i)
@@ -99,9 +99,10 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     from luspo_megatron.rollout.engine import SamplingParams
-    from luspo_megatron.rollout.generation import GenRow, TransformersGenerator
-    from luspo_megatron.rollout.local import LocalServer, free_port
+    from luspo_megatron.rollout.local.generation import GenRow, TransformersGenerator
+    from luspo_megatron.rollout.local.process import LocalServer
     from luspo_megatron.rollout.sglang import SGLangEngine
+    from luspo_megatron.runtime.distributed import free_port
 
     new_tokens = 32 if args.quick else 128
     rounds = 2 if args.quick else 4  # requests per concurrency slot

@@ -156,7 +156,8 @@ def build_policy(args: argparse.Namespace, hf_config: dict, model_dir: str, max_
     """The trainer's path: a RunConfig whose ``--hf-checkpoint`` is a directory with the config.json,
     weights from the transformers initialiser under the run seed (``initial_hf_state_dict``)."""
     from luspo_megatron.config import config_from_dict
-    from luspo_megatron.parallel.policy import MegatronPolicy, initial_hf_state_dict
+    from luspo_megatron.models.initial import initial_hf_state_dict
+    from luspo_megatron.parallel.policy import MegatronPolicy
 
     Path(model_dir, "config.json").write_text(json.dumps(hf_config, indent=1))
     config = config_from_dict({
@@ -219,8 +220,7 @@ def make_batch(args: argparse.Namespace):
 
 def pack(args: argparse.Namespace, sequences, advantages):
     """The trainer's packing (first-fit decreasing under the token budget), as parallel.MicroBatch."""
-    from luspo_megatron.data.packing import pack_micro_batches
-    from luspo_megatron.parallel.microbatch import MicroBatch
+    from luspo_megatron.data.packing import MicroBatch, pack_micro_batches
 
     (packed,) = pack_micro_batches(sequences, advantages, max_tokens_per_micro_batch=args.micro_batch_tokens)
     return [MicroBatch(tokens=mb.tokens, cu_seqlens=mb.cu_seqlens, loss_mask=mb.loss_mask,

@@ -1,7 +1,7 @@
 """Length dynamics of GRPO, GSPO and LUSPO at toy scale (the paper's central claim; issue 8 §1).
 
 The LUSPO paper reports that under GSPO the mean response length shrinks during RL, while under
-LUSPO it keeps growing. The mechanism (DESIGN.md §2): GSPO averages one sequence-level term per
+LUSPO it keeps growing. The mechanism (docs/design.md §2): GSPO averages one sequence-level term per
 response, so a response's per-token gradient weight is ∝ 1/|y_i|, which favours short responses
 for positive advantages less than long ones are penalised for negative ones; LUSPO multiplies each
 term by |y_i|, which removes the 1/|y_i|.
@@ -13,10 +13,10 @@ Setup, everything held equal except ``--loss``:
   ``--hf-checkpoint``; the warm-up mixes worked, line-per-operation solutions with bare
   ``\\boxed{}`` answers (``--sft-direct-fraction``), so the policy starts with both a long and a
   short way to answer, and RL decides which one grows;
-* the synthetic chained-arithmetic task (``luspo_megatron/rewards/synthetic.py``), where writing
+* the synthetic chained-arithmetic task (``luspo_megatron/data/synthetic.py``), where writing
   one line per operation makes a right answer more likely: length can pay;
 * for each seed, the same data order, rollout batch, group size, steps and learning rate; the
-  clip ranges are each loss's own defaults (DESIGN.md §2), as in the papers.
+  clip ranges are each loss's own defaults (docs/design.md §2), as in the papers.
 
 Writes ``docs/length_dynamics.png`` (mean response length, accuracy and reward per step; one curve
 per loss, band = ± one std across seeds) and ``docs/bench/length_dynamics.md`` (final length and

@@ -82,7 +82,7 @@ def loss_on_fixed_batch(num_prompts: int = 2, group: int = 4, prompt_len: int = 
       ``(per_token_loss * mask).sum(-1).mean()``.
     * ours: a separate plain forward of the same model, the completion log-probs packed (THD) and
       ``luspo_megatron.algorithms.losses.policy_loss(..., LossConfig("luspo"), num_sequences=B)``.
-    * oracle: (1/B) Σ_i |y_i| · ℓ_i written out from DESIGN.md §2.
+    * oracle: (1/B) Σ_i |y_i| · ℓ_i written out from docs/design.md §2.
 
     Returns the three loss values, the largest parameter-gradient difference (TRL vs ours) and the
     number of clipped sequences."""
@@ -384,11 +384,11 @@ def _read_our_metrics(log_dir: Path) -> list[dict[str, float]]:
 # ------------------------------------------------------------------------------------- driver
 def _prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The shared HF checkpoint (with tokenizer), the prompt file and the visiting order."""
-    from luspo_megatron import run_assets
     from luspo_megatron.algorithms.losses import LossConfig
     from luspo_megatron.config import load_config
     from luspo_megatron.data.dataset import PromptIterator
-    from luspo_megatron.rewards.synthetic import make_dataset, write_jsonl
+    from luspo_megatron.data.synthetic import make_dataset, write_jsonl
+    from luspo_megatron.trainer import assets as run_assets
 
     num_prompts = args.steps * args.prompts
     base = work / "base.yaml"
@@ -533,7 +533,7 @@ def _markdown(args, command: str, machine: str, date: str, results, check, ratio
         "π_old = sg[π_θ], so the first-step loss is −(1/B) Σ_i |y_i|·Â_i for the sampled batch.",
         "",
         "Also different, and not in the loss check: TRL's advantages divide by (std + 1e-4), ours by "
-        "(std + 1e-6) (DESIGN.md §2).",
+        "(std + 1e-6) (docs/design.md §2).",
     ]
     return "\n".join(lines) + "\n"
 

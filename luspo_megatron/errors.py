@@ -1,4 +1,4 @@
-"""One exception type per layer (DESIGN.md §5).
+"""One exception type per layer (docs/design.md §5).
 
 Every subclass of :class:`UserError` is a mistake in what the user gave us (a flag, a file, a
 server reply). The CLI prints such an error as one line and exits with status 2; any other
@@ -11,10 +11,11 @@ from __future__ import annotations
 class UserError(Exception):
     """Bad input. ``str(err)`` is a single line that names the field and what was expected."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, rule: str | None = None) -> None:
         message = " ".join(str(message).split())  # one line, whatever the caller wrote
         super().__init__(message)
         self.field = field
+        self.rule = rule  # the message without the field's name, when the raiser kept them apart
 
 
 class ConfigError(UserError):

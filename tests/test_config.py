@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from luspo_megatron.config import ConfigError, RunConfig, build_parser, config_to_yaml, load_config
+from luspo_megatron.config import RunConfig, build_parser, config_to_yaml, load_config
+from luspo_megatron.errors import ConfigError
 
 
 def test_flags_override_yaml_and_short_aliases_work(tmp_path):

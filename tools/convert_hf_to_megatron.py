@@ -17,13 +17,8 @@ import argparse
 import sys
 
 from luspo_megatron.checkpoint import cli
-from luspo_megatron.checkpoint.convert import (
-    DTYPE_FLAGS,
-    TargetLayout,
-    convert_hf_to_megatron,
-    distributed_session,
-    prepare_hf_import,
-)
+from luspo_megatron.checkpoint.convert import DTYPE_FLAGS, TargetLayout, distributed_session
+from luspo_megatron.checkpoint.hf_import import convert_hf_to_megatron, prepare_hf_import
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,12 +18,8 @@ import argparse
 import sys
 
 from luspo_megatron.checkpoint import cli
-from luspo_megatron.checkpoint.convert import (
-    DTYPE_FLAGS,
-    convert_megatron_to_hf,
-    distributed_session,
-    prepare_megatron_export,
-)
+from luspo_megatron.checkpoint.convert import DTYPE_FLAGS, distributed_session
+from luspo_megatron.checkpoint.hf_export import convert_megatron_to_hf, prepare_megatron_export
 from luspo_megatron.checkpoint.safetensors_io import parse_size
 
 

@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO, Dr.GRPO) and DAPO's dynamic-sampling filter. DESIGN.md §2."""
+"""Group-relative advantages (GRPO, Dr.GRPO) and DAPO's dynamic-sampling filter. docs/design.md §2."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-KL_TYPES = ("k1", "k2", "k3")
+from luspo_megatron.config.loss import KL_TYPES  # the options live in config
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str = "k3") -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Policy losses on packed (THD) sequences: LUSPO, GSPO, GSPO-token and GRPO (DESIGN.md §2).
+"""Policy losses on packed (THD) sequences: LUSPO, GSPO, GSPO-token and GRPO (docs/design.md §2).
 
 Notation (per packed token t of sequence i): m_t the loss mask, δ_t = logp_t − old_logp_t,
 |y_i| = Σ_t m_t, Â the advantage, B the GLOBAL number of sequences in the optimizer step.
@@ -31,98 +31,20 @@ aggregation cancels the 1/|y_i|, so (inside the clip range) every token's gradie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from luspo_megatron.algorithms import metrics as metrics_lib
-from luspo_megatron.algorithms.kl import KL_TYPES, kl_estimate
-from luspo_megatron.algorithms.tis import TIS_LEVELS, sequence_tis_weights, token_tis_weights
-from luspo_megatron.errors import ConfigError
+from luspo_megatron.algorithms.kl import kl_estimate
+from luspo_megatron.algorithms.tis import sequence_tis_weights, token_tis_weights
+
+# The loss options are configuration: named, defaulted and validated in config/loss.py; handed on here.
+from luspo_megatron.config.loss import AGG_MODES, DEFAULT_CLIPS, LOSS_NAMES, SEQUENCE_RATIO_LOSSES, LossConfig
 from luspo_megatron.ops import PolicyLossSpec, fused_available, segment_ids, seq_logratio_reference, seq_policy_loss
 
-LOSS_NAMES = ("luspo", "gspo", "gspo_token", "grpo")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-SEQUENCE_RATIO_LOSSES = ("gspo", "luspo")  # ratio and clip decision per sequence
-
-# (ε_lo, ε_hi). grpo: DAPO clip-higher; gspo: GSPO paper v2 §5.1; luspo: LUSPO paper §5.1 (via TRL).
-DEFAULT_CLIPS = {"grpo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4), "luspo": (2e-3, 2.5e-3)}
-# The aggregation is part of the definition of the sequence-level losses (table in DESIGN.md §2).
-DEFINING_AGG = {"gspo": "seq-mean-token-mean", "gspo_token": "seq-mean-token-mean", "luspo": "seq-mean-token-sum"}
-DEFAULT_GRPO_AGG = "token-mean"
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """What the policy loss computes. ``None`` clips and agg resolve to the loss's own defaults."""
-
-    name: str = "luspo"
-    eps_clip: float | None = None
-    """ε_lo: the ratio is clipped below at 1 − ε_lo. None: the loss's default (DEFAULT_CLIPS)."""
-    eps_clip_high: float | None = None
-    """ε_hi: the ratio is clipped above at 1 + ε_hi. None: the loss's default, or ε_lo if that was set."""
-    agg: str | None = None
-    """GRPO aggregation (AGG_MODES). gspo/gspo_token/luspo have their aggregation by definition."""
-    kl_coef: float = 0.0
-    """β of the token-level KL penalty against ``ref_logp``; 0 disables it."""
-    kl_type: str = "k3"
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient c (the loss gets −c·H_t per token); 0 disables it."""
-    use_tis: bool = False
-    tis_clip: float = 2.0
-    """C, the truncation of the TIS weight."""
-    tis_level: str = "token"
-    max_response_len: int | None = None
-    """L_max of seq-mean-token-sum-norm. None: the longest response of the call (not micro-batch
-    invariant, so the trainer always sets it to the generation limit)."""
-
-    def __post_init__(self) -> None:
-        if self.name not in LOSS_NAMES:
-            raise ConfigError(f"loss: expected one of {LOSS_NAMES}, got {self.name!r}", field="loss")
-        lo_default, hi_default = DEFAULT_CLIPS[self.name]
-        eps_lo = lo_default if self.eps_clip is None else self.eps_clip
-        if self.eps_clip_high is not None:
-            eps_hi = self.eps_clip_high
-        else:
-            eps_hi = hi_default if self.eps_clip is None else self.eps_clip
-        if not 0.0 < eps_lo < 1.0:
-            raise ConfigError(f"eps_clip: expected a float in (0, 1), got {eps_lo}", field="eps_clip")
-        if not eps_hi > 0.0:
-            raise ConfigError(f"eps_clip_high: expected a float > 0, got {eps_hi}", field="eps_clip_high")
-        if self.name == "grpo":
-            agg = DEFAULT_GRPO_AGG if self.agg is None else self.agg
-            if agg not in AGG_MODES:
-                raise ConfigError(f"agg: expected one of {AGG_MODES}, got {agg!r}", field="agg")
-        else:
-            agg = DEFINING_AGG[self.name]
-            if self.agg is not None and self.agg != agg:
-                raise ConfigError(
-                    f"agg: {self.name} aggregates {agg} by definition; agg={self.agg!r} applies to grpo only",
-                    field="agg",
-                )
-        if self.kl_type not in KL_TYPES:
-            raise ConfigError(f"kl_type: expected one of {KL_TYPES}, got {self.kl_type!r}", field="kl_type")
-        if self.kl_coef < 0:
-            raise ConfigError(f"kl_coef: expected ≥ 0, got {self.kl_coef}", field="kl_coef")
-        if self.entropy_coef < 0:
-            raise ConfigError(f"entropy_coef: expected ≥ 0, got {self.entropy_coef}", field="entropy_coef")
-        if self.tis_level not in TIS_LEVELS:
-            raise ConfigError(f"tis_level: expected one of {TIS_LEVELS}, got {self.tis_level!r}", field="tis_level")
-        if not self.tis_clip > 0:
-            raise ConfigError(f"tis_clip: expected > 0, got {self.tis_clip}", field="tis_clip")
-        if self.max_response_len is not None and self.max_response_len < 1:
-            raise ConfigError(
-                f"max_response_len: expected a positive int, got {self.max_response_len}", field="max_response_len"
-            )
-        object.__setattr__(self, "eps_clip", float(eps_lo))
-        object.__setattr__(self, "eps_clip_high", float(eps_hi))
-        object.__setattr__(self, "agg", agg)
-
-    @property
-    def sequence_level(self) -> bool:
-        """True when the importance ratio and clip decision are per sequence (gspo, luspo)."""
-        return self.name in SEQUENCE_RATIO_LOSSES
+__all__ = ["AGG_MODES", "DEFAULT_CLIPS", "LOSS_NAMES", "SEQUENCE_RATIO_LOSSES", "LossConfig", "aggregation_weights",
+           "clipped_surrogate", "policy_grad_coefficient", "policy_loss"]
 
 
 class ClippedSurrogate(NamedTuple):

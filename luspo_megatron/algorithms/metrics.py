@@ -1,4 +1,4 @@
-"""Step metrics of DESIGN.md §2, and how to combine them across micro-batches and ranks.
+"""Step metrics of docs/design.md §2, and how to combine them across micro-batches and ranks.
 
 Every metric is a plain float. Means carry the count they average over (``num_tokens`` for token
 means, ``num_seqs`` for sequence means) so that ``reduce_metrics`` can combine micro-batches
@@ -8,12 +8,10 @@ exactly; ``loss`` and ``pg_loss`` are already fractions of the global step loss 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from luspo_megatron.algorithms.losses import LossConfig
+from luspo_megatron.config.loss import LossConfig
 
 # How each key combines over micro-batches / ranks: summed, or averaged weighted by a count key.
 SUMMED = ("loss", "pg_loss", "num_tokens", "num_seqs", "num_empty_seqs", "num_clipped")
@@ -39,7 +37,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def policy_loss_metrics(
     *,
-    config: "LossConfig",
+    config: LossConfig,
     loss: torch.Tensor,
     pg_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -96,7 +94,7 @@ def policy_loss_metrics(
 
 def metrics_from_table(
     *,
-    config: "LossConfig",
+    config: LossConfig,
     loss: torch.Tensor,
     table: torch.Tensor,
     seq_len: torch.Tensor,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-TIS_LEVELS = ("token", "sequence")
+from luspo_megatron.config.loss import TIS_LEVELS  # noqa: F401  (the options live in config)
 
 
 def token_tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, clip: float) -> torch.Tensor:

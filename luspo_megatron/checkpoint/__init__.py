@@ -1,5 +1,6 @@
-"""Checkpoints (DESIGN.md §3 ``checkpoint/``): the Hugging Face ⇄ Megatron name map, the two
-conversions, and training checkpoints that survive crashes and reshard on resume.
+"""Checkpoints (docs/design.md §3 ``checkpoint/``): the two Hugging Face ⇄ Megatron conversions,
+and training checkpoints that survive crashes and reshard on resume. The name map they use belongs
+to the model (``models/hf_map.py``).
 
 Trainer API (collective: every rank calls it)::
 
@@ -11,7 +12,7 @@ Trainer API (collective: every rank calls it)::
     save_checkpoint(cfg.checkpoint.save, step, model, optimizer, scheduler, extra_state=data_state,
                     keep_last=cfg.checkpoint.keep_last, hf_config=hf_config)
 
-Modules: ``hf_map`` (names and transforms, as data), ``schema`` (where megatron stores each
+Modules: ``schema`` (where megatron stores each
 parameter), ``convert`` (the tools' work), ``training`` (save/load), ``atomic`` (the directory
 protocol), ``dist_save`` (the streaming torch_dist writer), ``safetensors_io``.
 """

@@ -21,8 +21,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from luspo_megatron.durable import fsync_path, replace_dir
 from luspo_megatron.errors import CheckpointError
+from luspo_megatron.runtime.durable import fsync_path, replace_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What the two conversion tools share: the exit-status contract.
 
 A :class:`~luspo_megatron.errors.UserError` (bad input) prints one line to stderr and exits 2
-(DESIGN.md §5); anything else is a bug and keeps its traceback. Under torchrun every rank reports
+(docs/design.md §5); anything else is a bug and keeps its traceback. Under torchrun every rank reports
 its own error, prefixed with its rank.
 """
 

@@ -171,7 +171,7 @@ def _check_cpu_compat(optimizer) -> None:
     distributed optimizer runs on torch Adam (no Apex / Transformer Engine)."""
     from megatron.core.optimizer import distrib_optimizer
 
-    from luspo_megatron.parallel import cpu_compat
+    from luspo_megatron.runtime import cpu_compat
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return
@@ -179,7 +179,7 @@ def _check_cpu_compat(optimizer) -> None:
         status = cpu_compat.status()
         missing = [f for f in ("P9", "P10") if status.get(f) != "applied"]
         if missing:
-            raise RuntimeError(f"luspo_megatron.parallel.cpu_compat fixes {missing} are not applied: "
+            raise RuntimeError(f"luspo_megatron.runtime.cpu_compat fixes {missing} are not applied: "
                                f"call cpu_compat.apply() before building the optimizer")
 
 

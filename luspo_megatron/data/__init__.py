@@ -1,2 +1,3 @@
 """Prompt datasets (JSONL / Parquet; DAPO-verl and flat schemas), chat templates, a resumable
-shuffled iterator, and packing of rollouts into micro-batches. Never imports megatron."""
+shuffled iterator, the synthetic arithmetic task of the embedded default, and packing of rollouts into
+the one micro-batch type. Never imports megatron."""

@@ -1,6 +1,6 @@
 """Prompt datasets: rows from JSONL or Parquet, prompts through the tokenizer's chat template.
 
-Two schemas (DESIGN.md §4 step 1):
+Two schemas (docs/design.md §4 step 1):
 
 * DAPO-Math-17k / verl: ``prompt`` is a list of chat messages ``[{"role", "content"}, ...]`` and the
   answer sits at ``reward_model.ground_truth`` (the defaults of ``--input-key`` / ``--label-key``).
@@ -282,7 +282,7 @@ def dataset_from_config(data: Any, tokenizer: Any, seed: int) -> PromptDataset:
     fmt = PromptFormat.from_config(data)
     if data.prompt_data:
         return PromptDataset.from_file(data.prompt_data, tokenizer, fmt)
-    from luspo_megatron.rewards.synthetic import make_dataset
+    from luspo_megatron.data.synthetic import make_dataset
 
     rows = make_dataset(data.synthetic_num_prompts, seed, [1.0] * data.synthetic_max_steps)
     return PromptDataset.from_rows(rows, tokenizer, PromptFormat(metadata_key="extra_info", **{

@@ -1,4 +1,4 @@
-"""Qwen3-MoE / Qwen3 / Qwen2.5 as megatron.core models (DESIGN.md §3, ``models/``).
+"""Qwen3-MoE / Qwen3 / Qwen2.5 as megatron.core models (docs/design.md §3, ``models/``).
 
     arch = arch_from_hf(load_hf_config(path))            # or arch_from_hf(tiny_qwen3_moe())
     config = transformer_config(arch, run_config.parallel, dtype="bf16")

@@ -6,7 +6,7 @@ same math; the local spec only swaps its ``core_attention`` for
 :class:`~luspo_megatron.models.attention.PackedDotProductAttention`, because the local
 ``DotProductAttention`` refuses packed sequences and context parallel.
 
-Parameter names differ between the two (see ``checkpoint.hf_map``): with TE the input norm is
+Parameter names differ between the two (see ``models.hf_map``): with TE the input norm is
 fused into ``linear_qkv`` (``layer_norm_weight``), the dense pre-MLP norm into ``linear_fc1``, and
 grouped experts are ``mlp.experts.linear_fc{1,2}.weight{e}``.
 """

@@ -40,7 +40,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from luspo_megatron.config import ParallelConfig
 from luspo_megatron.errors import ConfigError
 from luspo_megatron.models.arch import QwenArch
-from luspo_megatron.parallel.state import megatron_parallel_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=dtype == "bf16",
         use_cpu_initialization=not cuda,
-        **megatron_parallel_sizes(parallel),
+        **parallel.megatron_sizes(),
         sequence_parallel=seq_parallel,
         # Packed micro-batches differ in length: pipeline p2p must send shapes first.
         variable_seq_lengths=True,

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from luspo_megatron.checkpoint.hf_map import TensorSource, plans_by_megatron_name, tensor_getter
 from luspo_megatron.errors import CheckpointError
 from luspo_megatron.models.arch import QwenArch
+from luspo_megatron.models.hf_map import TensorSource, plans_by_megatron_name, tensor_getter
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT_RE = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
@@ -120,7 +120,7 @@ def load_megatron_tensors(chunks: list[torch.nn.Module], source: TensorSource) -
 
 @torch.no_grad()
 def load_hf_weights(chunks: list[torch.nn.Module], arch: QwenArch, hf: TensorSource, naming: str = "local") -> int:
-    """Load HF weights (on-disk names) into this rank's chunks through ``checkpoint.hf_map``.
+    """Load HF weights (on-disk names) into this rank's chunks through ``models.hf_map``.
     Only the HF tensors this rank's parameters need are read. Returns the number of parameters."""
     plans = plans_by_megatron_name(arch, naming)
     get = tensor_getter(hf)
@@ -156,53 +156,3 @@ def hf_safetensors_source(path: str | Path) -> Callable[[str], torch.Tensor]:
             return f.get_tensor(name)
 
     return get
-
-
-@torch.no_grad()
-def gather_megatron_tensors(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
-    """Every full Megatron tensor (global names) on global rank 0; None on the other ranks.
-
-    Each parameter is all-gathered over its TP group (the expert-TP group under ``mlp.experts``)
-    and contributed once, by the rank with TP, DP and CP rank 0 (expert-TP and expert-DP rank 0
-    for experts); pipeline stages and EP ranks contribute their own layers and experts. Rank 0
-    holds the whole model: meant for weight sync / export of models that fit one host's memory."""
-    import torch.distributed as dist
-
-    mine: dict[str, torch.Tensor] = {}
-    for lp in local_params(chunks):
-        expert = ".mlp.experts." in lp.global_name
-        if lp.partition_dim is not None and lp.tp_size > 1:
-            group = (parallel_state.get_expert_tensor_parallel_group() if expert
-                     else parallel_state.get_tensor_model_parallel_group())
-            pieces = [torch.empty_like(lp.param) for _ in range(lp.tp_size)]
-            dist.all_gather(pieces, lp.param.detach().contiguous(), group=group)
-            full = lp.unshard(pieces)
-        else:
-            full = lp.param.detach()
-        if expert:
-            owner = (parallel_state.get_expert_tensor_parallel_rank() == 0
-                     and parallel_state.get_expert_data_parallel_rank() == 0)
-        else:
-            owner = (parallel_state.get_tensor_model_parallel_rank() == 0
-                     and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
-        if owner:
-            mine[lp.global_name] = full.cpu().clone()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return mine
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in parts:
-        merged.update(part)
-    return merged
-
-
-def gather_hf_state_dict(chunks: list[torch.nn.Module], arch: QwenArch, naming: str = "local") -> dict | None:
-    """The model as a Hugging Face state dict (on-disk names) on global rank 0, None elsewhere:
-    :func:`gather_megatron_tensors` then ``checkpoint.hf_map.megatron_to_hf``."""
-    from luspo_megatron.checkpoint.hf_map import megatron_to_hf
-
-    full = gather_megatron_tensors(chunks)
-    return None if full is None else dict(megatron_to_hf(full, arch, naming))

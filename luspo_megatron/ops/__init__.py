@@ -1,4 +1,4 @@
-"""Fused and reference kernels behind the policy loss (DESIGN.md §3, ``ops/``).
+"""Fused and reference kernels behind the policy loss (docs/design.md §3, ``ops/``).
 
 ``seq_logratio`` (per-sequence sums) and ``seq_policy_loss`` (the fused loss + gradient) run on the csrc
 extension when it is built for the tensors' device; ``backend()`` says which implementation

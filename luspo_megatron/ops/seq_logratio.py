@@ -7,7 +7,7 @@ For sequence i of a packed micro-batch (tokens ``cu_seqlens[i] : cu_seqlens[i+1]
     n_i = Σ_t m_t                                   (= |y_i|, the response length)
     R_i = Σ_t m_t · (old_logp_t − rollout_logp_t)   (only when rollout log-probs are given; TIS)
 
-which is everything GSPO/LUSPO need from the tokens: s_i = exp(S_i / n_i) (DESIGN.md §2).
+which is everything GSPO/LUSPO need from the tokens: s_i = exp(S_i / n_i) (docs/design.md §2).
 
 Context parallel: with CP > 1 each rank holds only its chunks of every sequence, so the sums above
 are partial. One ``all_reduce(SUM)`` of the stacked [B, k] partial sums over the CP group makes them

@@ -1,4 +1,4 @@
-"""Megatron-Core training engine (DESIGN.md §3, ``parallel/``).
+"""Megatron-Core training engine (docs/design.md §3, ``parallel/``).
 
 - ``cpu_compat``: the CPU/gloo redirections for megatron-core 0.16.1 (applied by ``init_parallel``).
 - ``state``: ``validate_parallel`` / ``init_parallel`` (process groups, seeds).

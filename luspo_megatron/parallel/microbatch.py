@@ -1,9 +1,10 @@
-"""A packed micro-batch as the trainer gives it, and its layout on one TP/CP rank.
+"""The layout of a packed micro-batch on one TP/CP rank.
 
-The trainer's view (:class:`MicroBatch`) is TOKEN-ALIGNED: every per-token array is indexed by
-the token it is about. ``old_logp[t]`` is log p(tokens[t] | tokens[<t]); ``loss_mask[t]`` is 1
-when tokens[t] is a response token to train on (so the first token of every sequence, a prompt
-token, is never masked in). The rollout engine's log-probs of generated tokens drop straight in.
+The trainer's view is the one micro-batch type, :class:`luspo_megatron.data.packing.MicroBatch`:
+TOKEN-ALIGNED, every per-token array indexed by the token it is about. ``old_logp[t]`` is
+log p(tokens[t] | tokens[<t]); ``loss_mask[t]`` is 1 when tokens[t] is a response token to train
+on (so the first token of every sequence, a prompt token, is never masked in). The rollout
+engine's log-probs of generated tokens drop straight in.
 
 The model works LABEL-ALIGNED: position t predicts tokens[t+1]. :func:`shard_micro_batch`
 shifts every token-aligned array by one inside each sequence (the label of the last token of a
@@ -29,48 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from luspo_megatron.errors import DataError
-
-
-@dataclass
-class MicroBatch:
-    """One packed micro-batch of whole sequences (THD), token-aligned. [T] tensors unless noted.
-
-    ``advantages`` is [B] (per sequence) or [T] (per token, grpo / gspo_token). ``routed_experts``
-    is [num_moe_layers, T, topk] (MoE layers in model order) for routing replay."""
-
-    tokens: torch.Tensor
-    cu_seqlens: torch.Tensor  # [B + 1], cu_seqlens[-1] == T
-    loss_mask: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    old_logp: torch.Tensor | None = None
-    rollout_logp: torch.Tensor | None = None
-    ref_logp: torch.Tensor | None = None
-    routed_experts: torch.Tensor | None = None
-
-    @property
-    def num_sequences(self) -> int:
-        return self.cu_seqlens.numel() - 1
-
-    def validate(self, index: int = 0) -> None:
-        """One-line :class:`DataError` for inconsistent shapes."""
-        where = f"micro-batch {index}"
-        total = self.tokens.numel()
-        cu = self.cu_seqlens
-        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
-            raise DataError(f"{where}: cu_seqlens must start at 0 and end at the {total} tokens, got {cu.tolist()}")
-        if bool((cu[1:] <= cu[:-1]).any()):
-            raise DataError(f"{where}: cu_seqlens must be strictly increasing (no empty sequence)")
-        for name in ("loss_mask", "old_logp", "rollout_logp", "ref_logp"):
-            value = getattr(self, name)
-            if value is not None and value.shape != (total,):
-                raise DataError(f"{where}: {name} must be [{total}], got {tuple(value.shape)}")
-        if self.advantages is not None and self.advantages.numel() not in (self.num_sequences, total):
-            raise DataError(f"{where}: advantages must be [{self.num_sequences}] or [{total}], "
-                            f"got {tuple(self.advantages.shape)}")
-        if self.loss_mask is not None and bool(self.loss_mask[cu[:-1].long()].ne(0).any()):
-            raise DataError(f"{where}: loss_mask must be 0 on the first token of every sequence "
-                            "(it has no prediction; token-aligned layout)")
+from luspo_megatron.data.packing import MicroBatch
 
 
 @dataclass

@@ -4,33 +4,38 @@
     old = policy.compute_logprobs(micro_batches)            # forward only, token-aligned [T] each
     for mb, logp in zip(micro_batches, old): mb.old_logp = logp
     metrics = policy.train_step(micro_batches)               # one optimizer step
-    hf = policy.hf_state_dict()                              # rank 0: HF tensors for weight sync
+    for name, tensor in policy.hf_weights(): ...             # every rank (collective): HF tensors
 
-Weights: ``--hf-checkpoint`` is read through ``checkpoint.hf_map`` (each rank slices its part);
+Weights: ``--hf-checkpoint`` is read through ``models.hf_map`` (each rank slices its part);
 without it the tiny preset's Hugging Face model is initialised in transformers with the run seed
 and loaded the same way, so the weights do not depend on the parallel layout (Megatron's own
 initialiser differs across PP/EP layouts) and the rollout engine can start from the identical
-model (``initial_hf_state_dict``).
+model (``models.initial.initial_hf_state_dict``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from luspo_megatron.algorithms.losses import LossConfig
-from luspo_megatron.checkpoint.hf_map import TensorSource, megatron_naming
-from luspo_megatron.config import RunConfig
+from luspo_megatron.config import OptimizerConfig, RunConfig
+from luspo_megatron.data.packing import MicroBatch
 from luspo_megatron.errors import ConfigError
-from luspo_megatron.models.arch import PRESETS, QwenArch, arch_from_hf, load_hf_config, transformers_config
+from luspo_megatron.models.arch import QwenArch, arch_from_hf
 from luspo_megatron.models.build import build_model, transformer_engine_available
+from luspo_megatron.models.hf_map import TensorSource, hf_name_map, megatron_naming
+from luspo_megatron.models.initial import hf_config_of, initial_hf_state_dict
 from luspo_megatron.models.megatron_config import transformer_config
-from luspo_megatron.models.weights import gather_hf_state_dict, hf_safetensors_source, load_hf_weights
+from luspo_megatron.models.weights import hf_safetensors_source, load_hf_weights
 from luspo_megatron.parallel import train
-from luspo_megatron.parallel.microbatch import MicroBatch
+from luspo_megatron.parallel.export import export_policy_weights
 from luspo_megatron.parallel.state import Layout, init_parallel
+
+NLL_LOSS = LossConfig(name="grpo", agg="token-mean")  # with Â = 1, on-policy: the token-mean NLL's gradient
 
 
 def resolve_transformer_engine(requested: bool) -> bool:
@@ -41,29 +46,6 @@ def resolve_transformer_engine(requested: bool) -> bool:
         raise ConfigError("--transformer-impl-te: Transformer Engine is not installed (pip install '.[gpu]')",
                           field="use_transformer_engine")
     return requested or (available and torch.cuda.is_available())
-
-
-def hf_config_of(config: RunConfig) -> dict[str, Any]:
-    """The HF ``config.json`` dict of the run's model: the checkpoint's, or the preset's."""
-    if config.model.hf_checkpoint:
-        return load_hf_config(config.model.hf_checkpoint)
-    return PRESETS[config.model.preset]()
-
-
-def initial_hf_state_dict(hf_config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """A preset's starting weights: its transformers model initialised under ``seed``, in
-    on-disk names. Every rank computes the same tensors (no communication)."""
-    import transformers
-
-    from luspo_megatron.checkpoint.hf_map import hf_live_to_disk
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = transformers.AutoModelForCausalLM.from_config(transformers_config(hf_config), dtype=torch.float32)
-    finally:
-        torch.random.set_rng_state(state)
-    return hf_live_to_disk(model.state_dict(), bool(hf_config.get("tie_word_embeddings", False)))
 
 
 @dataclass
@@ -124,6 +106,19 @@ class MegatronPolicy:
             routing_replay=self.config.rollout.use_rollout_routing_replay,
         )
 
+    def build_optimizer(self, optim: OptimizerConfig, total_steps: int) -> tuple[Any, Any]:
+        """A second (optimizer, LR scheduler) over the same model, e.g. the SFT warm-up's own AdamW."""
+        return train.build_optimizer(self.model, optim, total_steps=total_steps,
+                                     use_distributed_optimizer=self.config.parallel.use_distributed_optimizer)
+
+    def supervised_step(self, micro_batches: list[MicroBatch], optimizer: Any, *, num_sequences: int,
+                        num_tokens: int) -> dict[str, float]:
+        """One optimizer step of the token-mean negative log-likelihood of the response tokens, with
+        ``optimizer`` (no LR schedule, temperature 1, no routing replay). GRPO's token-mean surrogate
+        with Â = 1 and π_old = sg[π_θ] has gradient −(1/N) Σ_t ∇log π(y_t): exactly the NLL's."""
+        return train.train_step(self.model, optimizer, None, micro_batches, NLL_LOSS, num_sequences=num_sequences,
+                                num_tokens=num_tokens, temperature=1.0)
+
     def load_reference(self, hf_weights: TensorSource) -> None:
         """Load ``hf_weights`` (full HF tensors, each rank slices its part) into the frozen reference
         model used for ``ref_logp`` (KL): never wrapped in DDP, never optimized. Needs
@@ -152,9 +147,10 @@ class MegatronPolicy:
             routing_replay=self.config.rollout.use_rollout_routing_replay,
         )
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The current weights as a HF state dict (on-disk names) on global rank 0, else None."""
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The current weights as HF (on-disk name, tensor) pairs, streamed on every rank
+        (collective: every rank iterates to the end; see ``parallel/export.py``)."""
         from megatron.core.utils import unwrap_model
 
         chunks = [unwrap_model(m) for m in self.model]
-        return gather_hf_state_dict(chunks, self.arch, megatron_naming(self.use_transformer_engine))
+        yield from export_policy_weights(chunks, hf_name_map(self.arch, megatron_naming(self.use_transformer_engine)))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -20,21 +19,9 @@ import torch
 from luspo_megatron.config import ParallelConfig, flag_of
 from luspo_megatron.errors import ConfigError
 from luspo_megatron.models.arch import QwenArch
+from luspo_megatron.runtime.distributed import init_process_group
 
 _P = ParallelConfig
-
-
-def megatron_parallel_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
-    """The layout sizes under the names both ``initialize_model_parallel`` and
-    ``TransformerConfig`` use."""
-    return {
-        "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
-        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
-        "virtual_pipeline_model_parallel_size": parallel.virtual_pipeline_model_parallel_size,
-        "context_parallel_size": parallel.context_parallel_size,
-        "expert_model_parallel_size": parallel.expert_model_parallel_size,
-        "expert_tensor_parallel_size": parallel.expert_tensor_parallel_size,
-    }
 
 
 def _flag(name: str) -> str:
@@ -149,20 +136,13 @@ def init_parallel(parallel: ParallelConfig, arch: QwenArch, seed: int = 1234, ti
     world_size = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
                   else int(os.environ.get("WORLD_SIZE", "1")))
     validate_parallel(parallel, arch, world_size)
-    cuda = torch.cuda.is_available()
-    from luspo_megatron.parallel import cpu_compat
-
-    cpu_compat.apply(cuda_available=cuda)  # each fix is gated on its own trigger (CUDA, TE, Apex)
-    if not torch.distributed.is_initialized():
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    init_process_group(timeout_minutes=timeout_minutes)  # CPU redirections first, each gated on its trigger
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        **megatron_parallel_sizes(parallel), distributed_timeout_minutes=timeout_minutes
+        **parallel.megatron_sizes(), distributed_timeout_minutes=timeout_minutes
     )
     set_seeds(seed)
     return current_layout()

@@ -5,7 +5,7 @@
     metrics = train_step(model, optimizer, scheduler, micro_batches, loss_config)
     old_logp = compute_logprobs(model, micro_batches)          # forward only
 
-Loss scaling (DESIGN.md §2, "B is global"). Each micro-batch's ``policy_loss`` is already its
+Loss scaling (docs/design.md §2, "B is global"). Each micro-batch's ``policy_loss`` is already its
 exact share of the step loss L (normalised by the GLOBAL sequence count B and token count N), so
 the gradient we need is Σ over micro-batches and DP ranks of ∇(share). Megatron, for a loss
 function returning (loss, metrics), back-propagates loss · cp / num_microbatches and its DDP
@@ -43,9 +43,10 @@ from megatron.core.utils import unwrap_model
 from luspo_megatron.algorithms.losses import LossConfig, policy_loss
 from luspo_megatron.algorithms.metrics import reduce_metrics
 from luspo_megatron.config import OptimizerConfig
+from luspo_megatron.data.packing import MicroBatch
 from luspo_megatron.errors import ConfigError
 from luspo_megatron.parallel.logprobs import vocab_parallel_logprobs
-from luspo_megatron.parallel.microbatch import LocalMicroBatch, MicroBatch, shard_micro_batch, unshard_logprobs
+from luspo_megatron.parallel.microbatch import LocalMicroBatch, shard_micro_batch, unshard_logprobs
 
 # Metrics that every CP rank reports identically (they come from CP-global per-sequence sums).
 _CP_DUPLICATED_COUNTS = ("num_seqs", "num_empty_seqs")

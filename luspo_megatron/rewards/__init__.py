@@ -1,5 +1,5 @@
 """Rewards: math-verify answers in a process pool with timeouts, a format reward, user rewards by
-import path, and the synthetic arithmetic task of the embedded default. Never imports megatron."""
+import path. Never imports megatron (the synthetic task of the embedded default is data: ``data/synthetic.py``)."""
 
 from luspo_megatron.rewards.compose import Reward, RewardResult, RewardTerm, build_reward, reward_from_config
 from luspo_megatron.rewards.pool import RewardPool, ScoreStats

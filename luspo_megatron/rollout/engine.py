@@ -1,9 +1,10 @@
-"""The rollout-engine protocol: what the trainer may ask of any engine (DESIGN.md §4, steps 2 and 7).
+"""The rollout-engine protocol: what the trainer may ask of any engine (docs/design.md §4, steps 2 and 7).
 
-An engine turns prompt token ids into sampled responses with the log-probs the sampler used. Two
-implementations speak SGLang's native HTTP API: :class:`luspo_megatron.rollout.sglang.SGLangEngine`
-(real SGLang servers, an sglang-router, or our own :mod:`luspo_megatron.rollout.server`). The
-trainer sees only this protocol, so it cannot tell them apart.
+An engine turns prompt token ids into sampled responses with the log-probs the sampler used, and
+takes new weights. :class:`luspo_megatron.rollout.sglang.SGLangEngine` speaks SGLang's native HTTP
+API (real SGLang servers, an sglang-router, or our own :mod:`luspo_megatron.rollout.local.server`);
+:class:`luspo_megatron.rollout.local.inprocess.InProcessEngine` runs our generator in the trainer's
+process. The trainer sees only this protocol, so it cannot tell them apart.
 
 Log-prob convention (the trainer uses the same one): ``rollout_logp[t] = log_softmax(logits_t /
 temperature)[y_t]``, before any top-p / top-k truncation. That is SGLang's convention too.
@@ -11,12 +12,16 @@ temperature)[y_t]``, before any top-p / top-k truncation. That is SGLang's conve
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from luspo_megatron.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -79,16 +84,27 @@ class Sample:
             )
 
 
+WeightStream = Iterable[tuple[str, "torch.Tensor"]]
+"""The policy's weights as (Hugging Face on-disk name, tensor) pairs, streamed (``parallel/export.py``)."""
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the trainer calls. All methods are synchronous; engines may run asyncio inside."""
+    """What the trainer calls, and all it calls (``trainer/``). Synchronous; engines may run asyncio
+    inside. Built by :func:`luspo_megatron.rollout.fleet.start_fleet`."""
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int) -> list[list[Sample]]:
         """``n`` samples for each prompt: ``out[i][j]`` is sample j of ``prompts[i]``. Never drops one."""
         ...
 
-    def update_weights(self, source: Any, weight_version: str) -> None:
-        """Load new policy weights (how depends on ``source``) and set the weight version."""
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Return once every server can generate, or raise RolloutError after ``timeout_s``."""
+        ...
+
+    def sync_weights(self, weights: WeightStream, weight_version: str) -> None:
+        """Make the engines generate with ``weights`` from now on, tagged ``weight_version``: pause →
+        flush → update → set the version → continue (continue also when the update fails). How the
+        tensors travel (disk, tensor, distributed) is the engine's own configuration."""
         ...
 
     def weight_version(self) -> str:
@@ -99,14 +115,10 @@ class RolloutEngine(Protocol):
         """True when every server can generate a token."""
         ...
 
-    def pause(self) -> None:
-        """Stop generating (in-flight requests are aborted and will be retried by the client)."""
+    def metrics(self) -> dict[str, float]:
+        """Counters for the trainer's metrics of the step (e.g. server restarts); may be empty."""
         ...
 
-    def resume(self) -> None:
-        """Undo :meth:`pause`."""
-        ...
-
-    def flush_cache(self) -> None:
-        """Drop cached prefixes (stale after a weight update)."""
+    def close(self) -> None:
+        """Release the connections, threads and models the engine holds."""
         ...

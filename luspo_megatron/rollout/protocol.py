@@ -1,6 +1,6 @@
 """SGLang's native ``/generate`` JSON, written once for both sides (client and our server).
 
-Field names and shapes follow sglang 0.5.23 (``/work/shared/reference/sglang_api.md`` §1.1):
+Field names and shapes follow sglang 0.5.23 (its ``io_struct.py`` and ``http_server.py``):
 ``sampling_params`` keys, ``meta_info.output_token_logprobs`` as positional triples
 ``[logprob, token_id, text|null]``, ``finish_reason`` as an object tagged by ``type``, and
 ``routed_experts`` as base64 int32. sglang's own request classes cannot be imported on CPU

@@ -1,5 +1,8 @@
 """The transport halves of SGLang's three weight-update paths, shared by the client and our server.
 
+The trainer hands this layer a stream of (HF name, tensor) (``parallel/export.py``) cut into
+:func:`bucket_by_bytes` buckets.
+
 (a) disk: :func:`write_hf_checkpoint` writes an HF safetensors directory next to its final name
     and renames it into place, so ``/update_weights_from_disk`` never sees a half-written one.
 (b) distributed: an :class:`UpdateGroup` is the process group that
@@ -22,7 +25,7 @@ import pickle
 import shutil
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,7 +33,28 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from luspo_megatron.durable import fsync_path, replace_dir
+from luspo_megatron.runtime.durable import fsync_path, replace_dir
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def bucket_by_bytes(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[Bucket]:
+    """Group a stream of (HF name, tensor) into lists of at most ``max_bytes``
+    (``--update-weight-buffer-size``); a tensor larger than that travels alone. Order is kept."""
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes: expected ≥ 1, got {max_bytes}")
+    bucket: Bucket = []
+    size = 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
 
 # --------------------------------------------------------------------------------------------- disk
 HF_CONFIG_FILES = ("config.json", "generation_config.json")

@@ -1,4 +1,4 @@
-"""An independent, deliberately naive float64 oracle of DESIGN.md §2, written from the table, one
+"""An independent, deliberately naive float64 oracle of docs/design.md §2, written from the table, one
 sequence at a time in a Python loop. It shares no code with luspo_megatron.algorithms."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """LUSPO's gradient is length-unbiased; GSPO's is not. Checked by exact enumeration on a tiny tabular
-autoregressive policy (DESIGN.md §2, "Why LUSPO is unbiased").
+autoregressive policy (docs/design.md §2, "Why LUSPO is unbiased").
 
 Policy: vocabulary {a, b, EOS}; one logit vector per prefix of a/b tokens (15 prefixes of length
 0..3); a response stops at EOS (included, mask 1) or is truncated at 4 tokens. Reward: 1 when the

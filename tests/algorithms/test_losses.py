@@ -1,5 +1,5 @@
 """policy_loss against the naive float64 oracle, micro-batch invariance, GSPO-token ≡ GSPO, the
-|y_i|² pitfall, empty sequences, dtypes and hand-computed metrics (DESIGN.md §2)."""
+|y_i|² pitfall, empty sequences, dtypes and hand-computed metrics (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from luspo_megatron.parallel import cpu_compat
+from luspo_megatron.runtime import cpu_compat
 
 FAMILIES = {
     "qwen3_moe": ("tiny_qwen3_moe", {"vocab_size": 256, "mlp_only_layers": [1]}),
@@ -38,12 +38,8 @@ def main() -> None:
     from megatron.core import parallel_state, tensor_parallel
     from transformers import AutoModelForCausalLM
 
-    from luspo_megatron.checkpoint.convert import (
-        TargetLayout,
-        convert_hf_to_megatron,
-        distributed_session,
-        prepare_hf_import,
-    )
+    from luspo_megatron.checkpoint.convert import TargetLayout, distributed_session
+    from luspo_megatron.checkpoint.hf_import import convert_hf_to_megatron, prepare_hf_import
     from luspo_megatron.checkpoint.training import load_model_weights
     from luspo_megatron.config import ParallelConfig
     from luspo_megatron.models import PRESETS, arch_from_hf

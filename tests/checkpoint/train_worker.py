@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from luspo_megatron.parallel import cpu_compat
+from luspo_megatron.runtime import cpu_compat
 
 SEQ_LEN, SEQS_PER_MICROBATCH, GLOBAL_SEQS = 16, 2, 4
 
@@ -68,11 +68,11 @@ def main() -> None:
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from luspo_megatron.checkpoint.hf_map import hf_live_to_disk
     from luspo_megatron.checkpoint.training import load_checkpoint, load_model_weights, save_checkpoint
     from luspo_megatron.config import ParallelConfig
     from luspo_megatron.models import arch_from_hf, tiny_qwen3_moe
     from luspo_megatron.models.build import build_model
+    from luspo_megatron.models.hf_map import hf_live_to_disk
     from luspo_megatron.models.megatron_config import transformer_config
     from luspo_megatron.models.weights import load_hf_weights
     from tests.checkpoint.helpers import tool_main

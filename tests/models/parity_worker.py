@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from luspo_megatron.parallel import cpu_compat
+from luspo_megatron.runtime import cpu_compat
 
 CASES = {
     "qwen3_moe_real_vocab": ("tiny_qwen3_moe", {"vocab_size": 151936}),
@@ -32,9 +32,9 @@ def main() -> None:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from luspo_megatron.checkpoint.hf_map import hf_live_to_disk
     from luspo_megatron.models import PRESETS, arch_from_hf
     from luspo_megatron.models.build import build_model
+    from luspo_megatron.models.hf_map import hf_live_to_disk
     from luspo_megatron.models.megatron_config import transformer_config
     from luspo_megatron.models.weights import load_hf_weights
     from tests.hf_models import build_hf_model

@@ -38,7 +38,7 @@ def parse_layout(name: str) -> dict:
 
 def global_batch():
     """The step's packed micro-batches, token-aligned, built from a fixed seed."""
-    from luspo_megatron.parallel.microbatch import MicroBatch
+    from luspo_megatron.data.packing import MicroBatch
 
     gen = torch.Generator().manual_seed(11)
     batches = []
@@ -81,13 +81,14 @@ def _routing_matches(routing, batches) -> bool:
 
 def run_layout(name: str, reference: dict | None):
     from luspo_megatron.algorithms.losses import LossConfig
-    from luspo_megatron.checkpoint.hf_map import hf_live_to_disk
     from luspo_megatron.config import OptimizerConfig, ParallelConfig
     from luspo_megatron.models import arch_from_hf, tiny_qwen3_moe
     from luspo_megatron.models.build import build_model
+    from luspo_megatron.models.hf_map import hf_live_to_disk, hf_name_map
     from luspo_megatron.models.megatron_config import transformer_config
-    from luspo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, local_params
+    from luspo_megatron.models.weights import load_hf_weights, local_params
     from luspo_megatron.parallel import train
+    from luspo_megatron.parallel.export import export_policy_weights
     from luspo_megatron.parallel.state import init_parallel
     from tests.hf_models import build_hf_model
 
@@ -101,9 +102,10 @@ def run_layout(name: str, reference: dict | None):
     chunks = build_model(arch, config, use_transformer_engine=False)
     hf_weights = hf_live_to_disk(build_hf_model(hf_config, seed=3).state_dict())
     load_hf_weights(chunks, arch, hf_weights)
-    exported = gather_hf_state_dict(chunks, arch)  # sharded, then gathered back: must be the same
-    export_exact = exported is None or (exported.keys() == hf_weights.keys()
-                                        and all(torch.equal(exported[k], v) for k, v in hf_weights.items()))
+    # Sharded, then exported back (every rank sees the whole model): must be the same.
+    exported = {k: v.clone() for k, v in export_policy_weights(chunks, hf_name_map(arch))}
+    export_exact = (exported.keys() == hf_weights.keys()
+                    and all(torch.equal(exported[k], v) for k, v in hf_weights.items()))
     model = train.wrap_model(chunks, config, use_distributed_optimizer=use_distopt)
     optimizer, scheduler = train.build_optimizer(
         model, OptimizerConfig(**OPTIMIZER), total_steps=4,

@@ -10,9 +10,10 @@ import transformers
 from safetensors.torch import save_file
 
 from luspo_megatron.config import config_from_dict
+from luspo_megatron.data.packing import MicroBatch
 from luspo_megatron.models import transformers_config
-from luspo_megatron.parallel.microbatch import MicroBatch
-from luspo_megatron.parallel.policy import MegatronPolicy, hf_config_of, initial_hf_state_dict
+from luspo_megatron.models.initial import hf_config_of, initial_hf_state_dict
+from luspo_megatron.parallel.policy import MegatronPolicy
 
 TEMPERATURE = 0.8
 
@@ -27,7 +28,7 @@ def main() -> None:
     })
     policy = MegatronPolicy.from_config(config, total_steps=10)
     initial = initial_hf_state_dict(hf_config_of(config), config.seed)
-    before = policy.hf_state_dict()
+    before = {k: v.clone() for k, v in policy.hf_weights()}
     gen = torch.Generator().manual_seed(0)
     lengths = [9, 14, 11]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
@@ -38,12 +39,12 @@ def main() -> None:
                         loss_mask=mask, advantages=torch.tensor([1.0, -1.0, 0.5]))]
     batch[0].old_logp = policy.compute_logprobs(batch)[0]
     metrics = [policy.train_step(batch) for _ in range(3)]  # lr warms up 0 -> 5e-4 -> 1e-3
-    after = policy.hf_state_dict()
+    after = {k: v.clone() for k, v in policy.hf_weights()}
     logp = policy.compute_logprobs(batch)[0]
     poisoned = MicroBatch(tokens=batch[0].tokens, cu_seqlens=cu, loss_mask=mask, old_logp=batch[0].old_logp,
                           advantages=torch.tensor([float("nan"), 1.0, 0.5]))
     nan_step = policy.train_step([poisoned])  # a NaN gradient: the update is skipped
-    unchanged = policy.hf_state_dict()
+    unchanged = {k: v.clone() for k, v in policy.hf_weights()}
     skipped_kept_weights = all(torch.equal(unchanged[k], after[k]) for k in after)
     # The weight-sync path: the exported tensors as a HF directory, read back by transformers.
     with tempfile.TemporaryDirectory() as directory:

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from luspo_megatron.data.packing import MicroBatch
 from luspo_megatron.errors import DataError
-from luspo_megatron.parallel.microbatch import MicroBatch, shard_micro_batch, unshard_logprobs, zigzag_index
+from luspo_megatron.parallel.microbatch import shard_micro_batch, unshard_logprobs, zigzag_index
 
 
 def micro_batch(lengths=(5, 7, 4)):

@@ -88,7 +88,7 @@ def pytest_configure(config) -> None:
 def server(tiny_moe, tmp_path_factory):
     """Our SGLang-API server in a real subprocess, shared by the modules that leave its weights
     alone (start-up is the slow part). Tests that change its fault settings restore them."""
-    from luspo_megatron.rollout.local import LocalServer
+    from luspo_megatron.rollout.local.process import LocalServer
 
     log = tmp_path_factory.mktemp("server_log") / "server.log"
     with LocalServer(tiny_moe, log_path=log, max_running_requests=64) as running:

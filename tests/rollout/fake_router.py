@@ -12,7 +12,7 @@ from collections import Counter
 import aiohttp
 from aiohttp import web
 
-from luspo_megatron.rollout.local import free_port
+from luspo_megatron.runtime.distributed import free_port
 
 
 class _Background:

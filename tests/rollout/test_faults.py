@@ -6,9 +6,9 @@ import pytest
 
 from luspo_megatron.errors import RolloutError
 from luspo_megatron.rollout.engine import SamplingParams
-from luspo_megatron.rollout.faults import FaultConfig
-from luspo_megatron.rollout.local import free_port
+from luspo_megatron.rollout.local.faults import FaultConfig
 from luspo_megatron.rollout.sglang import SGLangEngine
+from luspo_megatron.runtime.distributed import free_port
 from tests.rollout.conftest import http
 
 PROMPTS = [[5 + i, 6 + i, 7 + i] for i in range(8)]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from luspo_megatron.rollout.generation import GenRow, TransformersGenerator
+from luspo_megatron.rollout.local.generation import GenRow, TransformersGenerator
 from tests.rollout.conftest import VOCAB, forward_logp, hf_named_tensors, load_model
 
 
@@ -119,7 +119,7 @@ def test_loading_a_tensor_of_the_wrong_shape_is_refused(generator):
 
 
 def test_block_inverse_cdf_equals_a_full_float64_search():
-    from luspo_megatron.rollout.generation import inverse_cdf
+    from luspo_megatron.rollout.local.generation import inverse_cdf
 
     g = torch.Generator().manual_seed(0)
     # Integer masses (exact in float32 and float64), with zero runs, over 1000 entries (4 blocks).
@@ -135,7 +135,7 @@ def test_block_inverse_cdf_equals_a_full_float64_search():
 
 
 def test_a_nucleus_wider_than_the_candidates_falls_back_to_a_full_sort():
-    from luspo_megatron.rollout.generation import NUCLEUS_CANDIDATES, _RowSampler
+    from luspo_megatron.rollout.local.generation import NUCLEUS_CANDIDATES, _RowSampler
 
     vocab = 3 * NUCLEUS_CANDIDATES
     g = torch.Generator().manual_seed(1)

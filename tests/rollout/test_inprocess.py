@@ -9,8 +9,8 @@ import torch
 
 from luspo_megatron.errors import RolloutError
 from luspo_megatron.rollout.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, SamplingParams
-from luspo_megatron.rollout.inprocess import InProcessEngine
-from luspo_megatron.rollout.local import LocalServer
+from luspo_megatron.rollout.local.inprocess import InProcessEngine
+from luspo_megatron.rollout.local.process import LocalServer
 from luspo_megatron.rollout.sglang import SGLangEngine
 from tests.rollout.conftest import EOS, forward_logp, hf_named_tensors
 
@@ -85,10 +85,10 @@ def test_a_partial_or_misshapen_tensor_update_is_refused_and_changes_nothing(tin
 def test_disk_update_reloads_in_place(tiny_moe, tiny_moe_b):
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
     engine = InProcessEngine(tiny_moe)
-    engine.update_weights(tiny_moe_b, "3")
+    engine.update_weights_from_disk(tiny_moe_b, "3")
     expected = InProcessEngine(tiny_moe_b).generate(PROMPTS, sampling, n=1)
     got = engine.generate(PROMPTS, sampling, n=1)
     assert [g[0].response_ids for g in got] == [g[0].response_ids for g in expected]
     assert engine.weight_version() == "3"
     with pytest.raises(RolloutError, match="config.json"):
-        engine.update_weights(tiny_moe_b / "nowhere", "4")
+        engine.update_weights_from_disk(tiny_moe_b / "nowhere", "4")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from luspo_megatron.rollout.supervisor import LocalEngines
+from luspo_megatron.rollout.local.supervisor import LocalEngines
 
 
 @pytest.mark.parametrize(("omp", "expected"), [("3", 3), ("1", 1), ("", None), ("junk", None), ("0", None)])

@@ -9,14 +9,14 @@ import torch
 
 from luspo_megatron.config import RolloutConfig
 from luspo_megatron.rollout.engine import SamplingParams
-from luspo_megatron.rollout.launch import start_rollout
-from luspo_megatron.rollout.local import free_port
+from luspo_megatron.rollout.fleet import start_fleet
 from luspo_megatron.rollout.weight_sync import (
+    bucket_by_bytes,
     deserialize_named_tensors,
     serialize_named_tensors,
     write_hf_checkpoint,
 )
-from luspo_megatron.rollout.weights import bucket_by_bytes
+from luspo_megatron.runtime.distributed import free_port
 from tests.rollout.conftest import greedy, hf_named_tensors, http
 
 PROMPT = [11, 12, 13]
@@ -26,22 +26,23 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
 @pytest.fixture(scope="module")
 def rollout(tiny_moe, tmp_path_factory):
     """This module changes weights, so it gets its own server, started the trainer's way."""
-    handle = start_rollout(RolloutConfig(num_engines=1, max_concurrency=16), tiny_moe, seed=0,
-                           log_dir=tmp_path_factory.mktemp("rollout"))
-    yield handle
-    processes = [s.proc for s in handle.servers]
-    handle.close()
+    fleet = start_fleet(RolloutConfig(num_engines=1, max_concurrency=16), hf_dir=tiny_moe, seed=0,
+                        log_dir=tmp_path_factory.mktemp("rollout"))
+    engine = fleet.__enter__()
+    processes = [s.proc for s in engine.supervisor.servers]
+    yield engine
+    fleet.__exit__(None, None, None)
     assert all(p.poll() is not None for p in processes), "closing the rollout must stop its servers"
 
 
 @pytest.fixture(scope="module")
 def engine(rollout):
-    return rollout.engine
+    return rollout
 
 
 @pytest.fixture(scope="module")
 def server(rollout):
-    return rollout.servers[0]
+    return rollout.supervisor.servers[0]
 
 
 def outputs(engine) -> list[int]:
@@ -61,7 +62,7 @@ def test_update_from_disk_changes_outputs_and_weight_version(engine, server, tin
     path = write_hf_checkpoint(buckets, tmp_path / "step_7", config_dir=tiny_moe_b)
     assert len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]) == len(
         hf_named_tensors(tiny_moe_b))
-    engine.update_weights(path, weight_version="7")
+    engine.update_weights_from_disk(path, weight_version="7")
     assert outputs(engine) == greedy(tiny_moe_b, PROMPT, 10)
     assert reported_version(engine, server) == ("7", "7")
     assert engine.weight_version() == "7"
@@ -89,9 +90,19 @@ def test_a_bad_disk_update_is_reported_and_generation_resumes(engine, server, tm
     from luspo_megatron.errors import RolloutError
 
     with pytest.raises(RolloutError, match=r"update_weights_from_disk: HTTP 400: Failed to get weights iterator"):
-        engine.update_weights(tmp_path / "missing", weight_version="10")
+        engine.update_weights_from_disk(tmp_path / "missing", weight_version="10")
     assert engine.weight_version() == "9"
     assert len(outputs(engine)) == 10  # not left paused
+
+
+def test_sync_weights_publishes_the_stream_and_a_restarted_server_would_load_it(engine, server, tiny_moe):
+    # The trainer's one call: a (name, tensor) stream in, the disk path of the fleet's configuration.
+    engine.sync_weights(iter(hf_named_tensors(tiny_moe)), "11")
+    assert outputs(engine) == greedy(tiny_moe, PROMPT, 10)
+    assert reported_version(engine, server) == ("11", "11")
+    published = engine.updater.weights_dir
+    assert engine.supervisor._weights == (str(published), "11")
+    assert (published / "model.safetensors.index.json").is_file()
 
 
 def test_a_crash_mid_write_leaves_the_previous_directory_whole(tiny_moe, tmp_path):
@@ -122,3 +133,16 @@ def test_tensor_payload_round_trips_and_refuses_other_pickles():
     evil = base64.b64encode(pickle.dumps([("a", print)])).decode()
     with pytest.raises(pickle.UnpicklingError, match="not allowed"):
         deserialize_named_tensors(evil)
+
+
+def test_buckets_keep_order_and_stay_under_the_byte_bound():
+    sizes = [10, 30, 5, 100, 1, 1, 60, 40]  # float32 elements
+    named = [(f"t{i}", torch.zeros(n)) for i, n in enumerate(sizes)]
+    buckets = list(bucket_by_bytes(named, max_bytes=160))
+    assert [n for b in buckets for n, _ in b] == [n for n, _ in named]
+    for bucket in buckets:
+        nbytes = sum(t.numel() * 4 for _, t in bucket)
+        assert nbytes <= 160 or len(bucket) == 1  # a tensor larger than the bound travels alone
+    # Greedy: a bucket is closed only when the next tensor would not fit.
+    for a, b in zip(buckets, buckets[1:]):
+        assert sum(t.numel() * 4 for _, t in a) + b[0][1].numel() * 4 > 160

@@ -143,7 +143,7 @@ def test_two_process_tensor_parallel_run_matches_the_single_process_run(luspo_ru
 
 
 def test_inprocess_engine_run_samples_and_trains_exactly_as_the_local_server_run(luspo_run, tmp_path):
-    # The same seeds reach the same generator either way (rollout/inprocess.py), and the in-memory
+    # The same seeds reach the same generator either way (rollout/local/inprocess.py), and the in-memory
     # weight sync hands over the very float32 tensors the disk sync writes: the runs must agree.
     log_dir = tmp_path / "inprocess"
     train(log_dir, "--train-iters", "3", "--loss", "luspo", "--rollout-engine", "inprocess", "--weight-sync", "tensor")

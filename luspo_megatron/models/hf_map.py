@@ -274,6 +274,23 @@ def megatron_to_hf(megatron: TensorSource, arch: QwenArch, naming: str = "local"
             yield from plan.to_hf(get(plan.megatron), arch).items()
 
 
+def hf_name_map(arch: QwenArch, naming: str = "local") -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
+    """``name_map(global megatron name, full tensor) -> [(HF on-disk name, tensor), ...]`` for the
+    streaming exporter (``parallel/export.py``): ``[]`` for what HF does not store (``_extra_state``,
+    a tied output layer)."""
+    plans = plans_by_megatron_name(arch, naming)
+
+    def name_map(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if name.endswith("._extra_state"):
+            return []
+        plan = plans.get(name)
+        if plan is None:
+            raise KeyError(f"{name}: no Hugging Face name for this Megatron parameter ({arch.family})")
+        return list(plan.to_hf(tensor, arch).items()) if plan.exported else []
+
+    return name_map
+
+
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 
 

@@ -7,7 +7,7 @@ per call, so row-wise sampling is a LogitsProcessor of ours (``_RowSampler``) an
 picks the token it chose; row-wise stopping is a StoppingCriteria (``_RowStopper``). Both are
 transformers' documented extension points; the per-step work is vectorised over the batch.
 
-Log-probs (DESIGN.md §4 and :mod:`luspo_megatron.rollout.engine`): the sampler sees the float32
+Log-probs (docs/design.md §4 and :mod:`luspo_megatron.rollout.engine`): the sampler sees the float32
 logits of the last position and records ``log_softmax(logits / T)[y]`` before any truncation, which
 is what a transformers forward pass of the same model assigns to the same tokens (tested to 1e-5).
 

@@ -112,7 +112,7 @@ def _raw_rows(config: RunConfig) -> list[dict[str, Any]]:
         from luspo_megatron.data.dataset import read_rows
 
         return [row for _, row in read_rows(config.data.prompt_data)]
-    from luspo_megatron.rewards.synthetic import make_dataset
+    from luspo_megatron.data.synthetic import make_dataset
 
     return make_dataset(config.data.synthetic_num_prompts, config.seed, [1.0] * config.data.synthetic_max_steps)
 
@@ -155,7 +155,7 @@ def _write_initial_model(config: RunConfig, tokenizer, out: Path) -> None:
     from safetensors.torch import save_file
 
     from luspo_megatron.models.arch import PRESETS
-    from luspo_megatron.parallel.policy import initial_hf_state_dict
+    from luspo_megatron.models.initial import initial_hf_state_dict
 
     vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     hf_config = PRESETS[config.model.preset](vocab_size=vocab)

@@ -8,11 +8,11 @@ sampling params, ``sampling_seed``, log-prob triples, ``finish_reason`` objects,
 ``/flush_cache``, ``/abort_request``, ``/pause_generation``, ``/continue_generation``,
 ``/update_weights_from_disk``, ``/init_weights_update_group``, ``/update_weights_from_distributed``,
 ``/destroy_weights_update_group``, ``/update_weights_from_tensor``. A test-only route,
-``POST /luspo/faults``, sets fault injection (:mod:`luspo_megatron.rollout.faults`).
+``POST /luspo/faults``, sets fault injection (:mod:`luspo_megatron.rollout.local.faults`).
 
 Scheduling: every ``/generate`` becomes rows (one per sample) in a waiting queue. One batch loop
 takes up to ``max_running_requests`` rows at a time and runs them through
-:class:`~luspo_megatron.rollout.generation.TransformersGenerator` (one ``model.generate`` call, KV
+:class:`~luspo_megatron.rollout.local.generation.TransformersGenerator` (one ``model.generate`` call, KV
 cache) on a single worker thread; rows that arrive meanwhile wait for the next batch. Weight
 updates take the model lock, so they land between batches, never inside one.
 
@@ -39,8 +39,8 @@ import torch
 from aiohttp import web
 
 from luspo_megatron.rollout import protocol, weight_sync
-from luspo_megatron.rollout.faults import FaultConfig, FaultInjector
-from luspo_megatron.rollout.generation import GenResult, GenRow, TransformersGenerator
+from luspo_megatron.rollout.local.faults import FaultConfig, FaultInjector
+from luspo_megatron.rollout.local.generation import GenResult, GenRow, TransformersGenerator
 
 log = logging.getLogger(__name__)
 
@@ -606,7 +606,7 @@ def serve(
 
 
 def build_arg_parser():
-    """The flags of ``tools/serve_local.py`` (also ``python -m luspo_megatron.rollout.server``)."""
+    """The flags of ``tools/serve_local.py`` (also ``python -m luspo_megatron.rollout.local.server``)."""
 
     from luspo_megatron.config import OneLineArgumentParser
 

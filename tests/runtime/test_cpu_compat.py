@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from luspo_megatron.errors import ConfigError
-from luspo_megatron.parallel import cpu_compat
+from luspo_megatron.runtime import cpu_compat
 from tests.distributed import run_worker
 
 SITES = [(fix.name, site) for fix in cpu_compat.FIXES.values() for site in fix.pinned]

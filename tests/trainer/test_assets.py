@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from luspo_megatron import run_assets
 from luspo_megatron.config import load_config
-from luspo_megatron.rewards.synthetic import make_dataset
+from luspo_megatron.data.synthetic import make_dataset
+from luspo_megatron.trainer import assets as run_assets
 
 
 def _assets(tmp_path, *flags: str):

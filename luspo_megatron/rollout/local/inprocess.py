@@ -1,6 +1,6 @@
 """A rollout engine inside the trainer's own process (``--rollout-engine inprocess``).
 
-The same :class:`~luspo_megatron.rollout.generation.TransformersGenerator` that our SGLang-API server
+The same :class:`~luspo_megatron.rollout.local.generation.TransformersGenerator` that our SGLang-API server
 runs, called directly: no HTTP hop, no second process, and weight updates are in-memory copies of the
 policy's HF-named tensors into the live model (``--weight-sync tensor``) instead of a safetensors
 write and reload. verl calls this layout colocated ("hybrid engine"). It is meant for CPU runs and
@@ -23,7 +23,8 @@ import torch
 from luspo_megatron.errors import RolloutError
 from luspo_megatron.rollout import protocol
 from luspo_megatron.rollout.engine import Sample, SamplingParams
-from luspo_megatron.rollout.generation import GenResult, GenRow, TransformersGenerator
+from luspo_megatron.rollout.local.generation import GenResult, GenRow, TransformersGenerator
+from luspo_megatron.rollout.weight_sync import bucket_by_bytes, write_hf_checkpoint
 
 
 class InProcessEngine:
@@ -32,9 +33,16 @@ class InProcessEngine:
 
     def __init__(self, hf_dir: str | Path, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  max_batch_rows: int = 64, weight_version: str = "default",
-                 return_routed_experts: bool = False) -> None:
+                 return_routed_experts: bool = False, weight_sync: str = "tensor",
+                 weights_dir: str | Path | None = None, bucket_bytes: int = 512 * 1024**2) -> None:
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows: expected ≥ 1, got {max_batch_rows}")
+        if weight_sync not in ("tensor", "disk"):
+            raise RolloutError(f"weight_sync: the in-process engine takes tensor or disk, got {weight_sync!r}")
+        if weight_sync == "disk" and weights_dir is None:
+            raise RolloutError("weight_sync disk: the in-process engine needs weights_dir")
+        self.weight_sync, self.config_dir, self.bucket_bytes = weight_sync, Path(hf_dir), bucket_bytes
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.generator = TransformersGenerator(hf_dir, device=device, dtype=dtype)
         self.max_batch_rows = max_batch_rows
         self._version = str(weight_version)
@@ -70,7 +78,7 @@ class InProcessEngine:
         results: list[GenResult] = []
         # Plain tensors in, plain tensors out: no __torch_function__ override has anything to do here. A
         # TorchFunctionMode the host keeps on its stack (the trainer's CPU placement shim on a machine
-        # without CUDA, parallel/cpu_compat.py P3) would otherwise intercept every op of the decode loop:
+        # without CUDA, runtime/cpu_compat.py P3) would otherwise intercept every op of the decode loop:
         # measured 0.33 -> 0.55 s for 16 rows x 32 tokens. torch's own overrides machinery uses this guard.
         with torch._C.DisableTorchFunction():
             for start in range(0, len(rows), self.max_batch_rows):
@@ -87,7 +95,16 @@ class InProcessEngine:
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------ weights
-    def update_weights(self, source: str | Path, weight_version: str) -> None:
+    def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> None:
+        """``tensor``: copy the stream into the live model; ``disk``: write it as a HF directory
+        (published by rename), then load that, as a server would."""
+        if self.weight_sync == "tensor":
+            self.update_weights_from_tensor([list(weights)], weight_version)
+            return
+        path = write_hf_checkpoint(bucket_by_bytes(weights, self.bucket_bytes), self.weights_dir, self.config_dir)
+        self.update_weights_from_disk(path, weight_version)
+
+    def update_weights_from_disk(self, source: str | Path, weight_version: str) -> None:
         """Load an HF model directory (``--weight-sync disk``): copied in place when the architecture
         is unchanged, as our server's ``/update_weights_from_disk``."""
         if not Path(source, "config.json").is_file():
@@ -113,6 +130,14 @@ class InProcessEngine:
     # ------------------------------------------------------------------------------ control
     def health(self) -> bool:
         return self.generator is not None
+
+    def wait_healthy(self, timeout_s: float = 0.0) -> None:
+        """Ready once constructed: the model is loaded in this process."""
+        if not self.health():
+            raise RolloutError("the in-process engine is closed")
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def pause(self) -> None:
         """Nothing runs between calls: generation and weight updates share one thread."""

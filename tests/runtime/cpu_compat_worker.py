@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from luspo_megatron.parallel import cpu_compat
+from luspo_megatron.runtime import cpu_compat
 
 
 def main() -> None:

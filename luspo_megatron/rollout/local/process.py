@@ -1,4 +1,4 @@
-"""Start and stop our SGLang-API server (:mod:`luspo_megatron.rollout.server`) as subprocesses.
+"""Start and stop our SGLang-API server (:mod:`luspo_megatron.rollout.local.server`) as subprocesses.
 
     with LocalServer(hf_dir) as server:            # a free port on 127.0.0.1
         engine = SGLangEngine([server.url])
@@ -13,7 +13,6 @@ import atexit
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,8 @@ import urllib.request
 from pathlib import Path
 
 from luspo_megatron.errors import RolloutError
-from luspo_megatron.rollout.faults import FaultConfig
+from luspo_megatron.rollout.local.faults import FaultConfig
+from luspo_megatron.runtime.distributed import free_port
 
 _LIVE: set[subprocess.Popen] = set()
 
@@ -34,15 +34,8 @@ def _kill_leftovers() -> None:
             proc.kill()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class LocalServer:
-    """One ``python -m luspo_megatron.rollout.server`` subprocess."""
+    """One ``python -m luspo_megatron.rollout.local.server`` subprocess."""
 
     def __init__(
         self, hf_dir: str | Path, *, host: str = "127.0.0.1", port: int | None = None, device: str = "cpu",
@@ -62,7 +55,7 @@ class LocalServer:
     def command(self) -> list[str]:
         f = self.faults
         return [
-            sys.executable, "-m", "luspo_megatron.rollout.server", "--hf-dir", self.hf_dir, "--host", self.host,
+            sys.executable, "-m", "luspo_megatron.rollout.local.server", "--hf-dir", self.hf_dir, "--host", self.host,
             "--port", str(self.port), "--device", self.device, "--dtype", self.dtype,
             "--max-running-requests", str(self.max_running_requests), "--seed", str(self.seed),
             "--weight-version", self.weight_version,

@@ -4,7 +4,7 @@ The trainer's ``--rollout-engine local`` runs our SGLang-API servers (``rollout.
 subprocesses. A watchdog thread polls them; when one exits, it is relaunched on the same port with
 the weights the trainer last synced, and the weight version to match. Requests that were in flight
 fail with a connection error, which the SGLang client retries with backoff, so a step's finished
-samples are kept and its lost ones regenerated (DESIGN.md §4, step 2: never drop a sample).
+samples are kept and its lost ones regenerated (docs/design.md §4, step 2: never drop a sample).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from luspo_megatron.rollout.local import LocalServer, start_local_servers
+from luspo_megatron.rollout.local.process import LocalServer, start_local_servers
 
 logger = logging.getLogger("luspo_megatron.rollout")
 

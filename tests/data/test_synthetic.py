@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
+from luspo_megatron.data.synthetic import make_dataset, write_jsonl
 from luspo_megatron.rewards.math import math_score
-from luspo_megatron.rewards.synthetic import make_dataset, write_jsonl
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 LINE = re.compile(r"^(\d+) ([+*-]) (\d+) = (\d+)$")

@@ -1,13 +1,17 @@
-"""Megatron → Hugging Face weight export, as a stream of (hf_name, full tensor), and byte buckets.
+"""Megatron → Hugging Face weight export: the one exporter behind every weight sync and HF writer.
 
-The stream feeds every weight-sync path (``weight_sync.py``, ``SGLangEngine.update_weights``): it
-gathers tensor-parallel shards, expert-parallel experts and pipeline stages with plain
-torch.distributed collectives, then hands each *full* Megatron tensor to a name map that the
-checkpoint layer owns (``luspo_megatron/checkpoint/hf_map.py``). This module never imports
-megatron: it reads the attributes Megatron-Core sets on its parameters.
+    for hf_name, tensor in export_policy_weights(chunks, arch, naming):   # collective, every rank
+        ...
 
-What the integrator plugs in
-----------------------------
+:func:`export_policy_weights` streams the policy as ``(hf_name, full tensor)`` pairs. It gathers
+tensor-parallel shards, expert-parallel experts and pipeline stages with plain torch.distributed
+collectives (nothing pickled but a tensor's name, shape and dtype), and hands each *full* Megatron
+tensor to the model's name map (``models/hf_map.py::hf_name_map``). Memory: one full tensor at a
+time, plus what the consumer keeps (``rollout/weight_sync.py::bucket_by_bytes``). A yielded tensor
+may share storage with a parameter: copy what you keep past the next optimizer step.
+
+The core, :func:`export_hf_weights`, reads only what Megatron-Core sets on its parameters:
+
 ``name_map(megatron_name, full_tensor) -> [(hf_name, tensor), ...]``
     ``megatron_name`` is the name a TP=PP=EP=1 model would have: global layer index
     (``decoder.layers.{global_layer}.``), global expert index (``mlp.experts.local_experts.{e}.`` or
@@ -17,20 +21,16 @@ What the integrator plugs in
     (e.g. q/k/v, gate_proj/up_proj); return ``[]`` to skip a tensor (e.g. ``_extra_state``).
 :class:`ExportGroups`
     The process groups of this rank (``None`` where that parallelism is 1) and the PP facts:
-    ``tp`` = ``parallel_state.get_tensor_model_parallel_group()``, ``ep`` =
-    ``get_expert_model_parallel_group()``, ``etp`` = ``get_expert_tensor_parallel_group()``,
-    ``pp`` = ``get_pipeline_model_parallel_group()``, ``num_local_experts`` = experts per EP rank,
-    ``layer_offset`` = ``get_transformer_layer_offset(config)`` of this stage (per model chunk with VPP:
-    export each chunk with its own offset).
+    ``tp``, ``ep``, ``etp`` and ``pp`` groups, ``num_local_experts`` = experts per EP rank,
+    ``layer_offset`` = the global index of the chunk's first layer.
 ``named_params``
-    ``model.named_parameters()`` of the unwrapped model chunk (no ``module.`` DDP prefix).
-    Megatron-Core marks TP-sharded parameters with ``tensor_model_parallel=True`` and
-    ``partition_dim``, and expert parameters with ``allreduce=False``; :func:`megatron_shard_info`
-    reads those. Pass your own ``shard_info`` for anything else.
+    ``named_parameters()`` of one unwrapped model chunk (no ``module.`` DDP prefix). Megatron-Core
+    marks TP-sharded parameters with ``tensor_model_parallel=True`` and ``partition_dim``, and
+    expert parameters with ``allreduce=False``; :func:`megatron_shard_info` reads those.
 
-Collective contract: every rank of the model-parallel groups must iterate the stream to the end,
-in lockstep (each step is a collective). Every rank then sees the full model; the caller that talks
-to the engines (usually global rank 0) uses it, the others just drain it.
+Collective contract: every rank of the model-parallel groups iterates the stream to the end, in
+lockstep (each step is a collective). Every rank sees the full model; the rank that talks to the
+engines uses it, the others drain it.
 """
 
 from __future__ import annotations
@@ -180,21 +180,30 @@ def _expanded_names(named_params, groups: ExportGroups, shard_info) -> Iterator[
         yield from [name] * (ep if shard_info(name, param).expert else 1)
 
 
-def bucket_by_bytes(
-    named: Iterable[tuple[str, torch.Tensor]], max_bytes: int,
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group a stream into lists of at most ``max_bytes`` (``--update-weight-buffer-size``); a tensor
-    larger than that travels alone. Order is kept."""
-    if max_bytes < 1:
-        raise ValueError(f"max_bytes: expected ≥ 1, got {max_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > max_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
+def chunk_export_groups(chunk: torch.nn.Module) -> ExportGroups:
+    """The :class:`ExportGroups` of one unwrapped ``GPTModel`` chunk on this rank (megatron's
+    ``parallel_state``; a group of size 1 is None)."""
+    from megatron.core import parallel_state as ps
+
+    def group(size: int, get) -> dist.ProcessGroup | None:
+        return get() if size > 1 else None
+
+    experts = [getattr(layer.mlp, "experts", None) for layer in chunk.decoder.layers]
+    experts = [e for e in experts if e is not None]
+    return ExportGroups(
+        tp=group(ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group),
+        ep=group(ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group),
+        etp=group(ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_group),
+        pp=group(ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group),
+        num_local_experts=experts[0].num_local_experts if experts else 0,
+        layer_offset=chunk.decoder.layers[0].layer_number - 1 if len(chunk.decoder.layers) else 0,
+        gated_linear_unit=chunk.config.gated_linear_unit,
+    )
+
+
+def export_policy_weights(chunks: list[torch.nn.Module], name_map: NameMap) -> Iterator[tuple[str, torch.Tensor]]:
+    """The whole policy as HF ``(name, tensor)`` pairs on every rank (collective), chunk after chunk
+    (VPP: every stage holds as many chunks, each exported with its own layer offset).
+    ``chunks``: this rank's unwrapped ``GPTModel`` chunks; ``name_map``: ``models.hf_map.hf_name_map``."""
+    for chunk in chunks:
+        yield from export_hf_weights(chunk.named_parameters(), chunk_export_groups(chunk), name_map)

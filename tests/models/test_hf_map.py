@@ -4,14 +4,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from luspo_megatron.checkpoint.hf_map import (
+from luspo_megatron.models import arch_from_hf, tiny_qwen3, tiny_qwen3_moe, tiny_qwen25
+from luspo_megatron.models.hf_map import (
     hf_live_to_disk,
     hf_to_megatron,
     megatron_to_hf,
     plans_by_megatron_name,
     tensor_plans,
 )
-from luspo_megatron.models import arch_from_hf, tiny_qwen3, tiny_qwen3_moe, tiny_qwen25
 from tests.hf_models import build_hf_model
 
 FAMILIES = {

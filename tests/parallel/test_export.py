@@ -1,4 +1,4 @@
-"""Megatron → HF export: TP/EP/PP gathering in real gloo processes vs the unsharded model, and buckets."""
+"""Megatron → HF export: TP/EP/PP gathering in real gloo processes vs the unsharded model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from luspo_megatron.rollout.weights import ExportGroups, bucket_by_bytes, export_hf_weights, global_name
+from luspo_megatron.parallel.export import ExportGroups, export_hf_weights, global_name
 
 TP, PP, EP = 2, 2, 2  # 4 ranks; EP spans the TP ranks of a stage (expert TP = 1), as Megatron folds it
 LAYERS, EXPERTS, H, FFN_EXPERT, FFN_SHARED, V = 4, 4, 4, 3, 6, 10
@@ -36,7 +36,7 @@ def full_model() -> dict[str, tuple[torch.Tensor, int | None, bool, bool]]:
 
 
 def name_map(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """A stand-in for checkpoint/hf_map.py: splits fused tensors, renames the rest."""
+    """A stand-in for models/hf_map.py: splits fused tensors, renames the rest."""
     hf = name.replace("decoder.layers.", "model.layers.").replace("embedding.word_embeddings", "model.embed_tokens")
     if name.endswith("linear_qkv.weight"):
         q, k, v = tensor.split([6, 3, 3])
@@ -128,16 +128,3 @@ def test_global_name_renumbers_layers_and_both_expert_layouts():
     assert global_name("decoder.layers.2.self_attention.linear_qkv.weight", 5, 99) == \
         "decoder.layers.7.self_attention.linear_qkv.weight"
     assert global_name("output_layer.weight", 5, 3) == "output_layer.weight"
-
-
-def test_buckets_keep_order_and_stay_under_the_byte_bound():
-    sizes = [10, 30, 5, 100, 1, 1, 60, 40]  # float32 elements
-    named = [(f"t{i}", torch.zeros(n)) for i, n in enumerate(sizes)]
-    buckets = list(bucket_by_bytes(named, max_bytes=160))
-    assert [n for b in buckets for n, _ in b] == [n for n, _ in named]
-    for bucket in buckets:
-        nbytes = sum(t.numel() * 4 for _, t in bucket)
-        assert nbytes <= 160 or len(bucket) == 1  # a tensor larger than the bound travels alone
-    # Greedy: a bucket is closed only when the next tensor would not fit.
-    for a, b in zip(buckets, buckets[1:]):
-        assert sum(t.numel() * 4 for _, t in a) + b[0][1].numel() * 4 > 160

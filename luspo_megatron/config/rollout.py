@@ -1,0 +1,73 @@
+"""The rollout section: where samples come from, how they are drawn, how weights reach the engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from luspo_megatron.config.fields import check, opt, positive
+
+
+# ------------------------------------------------------------------------------------------- rollout
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Where rollouts come from and how they are sampled (flags follow slime)."""
+
+    engine: str = opt(
+        "local", "--rollout-engine",
+        help="local: start our SGLang-API server; sglang: external SGLang servers; inprocess: generate in the "
+             "trainer's process (rank 0) with the same engine, no HTTP (CPU and toy models).",
+        choices=("local", "sglang", "inprocess"),
+    )
+    sglang_url: tuple[str, ...] = opt((), "--sglang-url", help="SGLang server URLs (load-balanced).", nargs="+")
+    sglang_router: str | None = opt(None, "--sglang-router", help="sglang-router URL (instead of --sglang-url).")
+    num_engines: int = opt(1, "--rollout-num-engines", help="Local rollout servers to start.")
+    rollout_batch_size: int = opt(8, "--rollout-batch-size", help="Prompts per rollout step (P).")
+    max_response_len: int = opt(64, "--rollout-max-response-len", help="max_new_tokens of every response.")
+    temperature: float = opt(1.0, "--rollout-temperature", help="Sampling temperature.")
+    top_p: float = opt(1.0, "--rollout-top-p", help="Nucleus sampling threshold, in (0, 1].")
+    top_k: int = opt(-1, "--rollout-top-k", help="Top-k sampling; -1 disables it.")
+    max_concurrency: int = opt(64, "--rollout-max-concurrency", help="Requests in flight per server.")
+    request_timeout_s: float = opt(600.0, "--rollout-request-timeout", help="Per-request timeout, seconds.")
+    max_retries: int = opt(5, "--rollout-max-retries", help="Retries of a failed or aborted request.")
+    weight_sync: str = opt(
+        "disk", "--weight-sync", help="How new weights reach the engines.", choices=("disk", "distributed", "tensor")
+    )
+    update_weight_buffer_size: int = opt(
+        512 * 1024**2, "--update-weight-buffer-size", help="Bucket size in bytes for weight sync."
+    )
+    use_rollout_logprobs: bool = opt(
+        False, "--use-rollout-logprobs", help="Use the engine's log-probs as old_logp (skip the recompute).",
+        action="store_true",
+    )
+    use_rollout_routing_replay: bool = opt(
+        False, "--use-rollout-routing-replay", help="Replay the engine's MoE routing in training (R3).",
+        action="store_true",
+    )
+    startup_timeout_s: float = opt(
+        600.0, "--rollout-startup-timeout", help="Seconds to wait for every server's /health_generate at start."
+    )
+    local_device: str = opt("cpu", "--rollout-device", help="Device of the local rollout server: cpu or cuda[:N].")
+
+    def __post_init__(self) -> None:
+        positive(RolloutConfig, self, "num_engines", "rollout_batch_size", "max_response_len", "max_concurrency")
+        check(self.startup_timeout_s > 0, RolloutConfig, "startup_timeout_s", "> 0", self.startup_timeout_s)
+        check(self.local_device == "cpu" or self.local_device.startswith("cuda"), RolloutConfig, "local_device",
+               "cpu or cuda[:N]", self.local_device)
+        check(self.max_retries >= 0, RolloutConfig, "max_retries", "≥ 0", self.max_retries)
+        check(self.temperature > 0, RolloutConfig, "temperature", "> 0", self.temperature)
+        check(0 < self.top_p <= 1, RolloutConfig, "top_p", "a float in (0, 1]", self.top_p)
+        check(self.top_k == -1 or self.top_k >= 1, RolloutConfig, "top_k", "-1 or ≥ 1", self.top_k)
+        check(self.request_timeout_s > 0, RolloutConfig, "request_timeout_s", "> 0", self.request_timeout_s)
+        positive(RolloutConfig, self, "update_weight_buffer_size")
+        if self.engine == "sglang":
+            check(
+                bool(self.sglang_url) != bool(self.sglang_router), RolloutConfig, "sglang_url",
+                "exactly one of --sglang-url or --sglang-router with --rollout-engine sglang",
+                self.sglang_url or self.sglang_router,
+            )
+        if self.engine == "local":
+            check(self.weight_sync == "disk", RolloutConfig, "weight_sync", "disk for the local engine",
+                   self.weight_sync)
+        if self.engine == "inprocess":
+            check(self.weight_sync in ("disk", "tensor"), RolloutConfig, "weight_sync",
+                   "disk or tensor for the inprocess engine", self.weight_sync)

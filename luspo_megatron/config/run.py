@@ -1,0 +1,114 @@
+"""The checkpoint and logging sections, and the root :class:`RunConfig` that holds every section."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from luspo_megatron.config.data import DataConfig
+from luspo_megatron.config.fields import check, opt, positive
+from luspo_megatron.config.model import ModelConfig, ParallelConfig
+from luspo_megatron.config.rollout import RolloutConfig
+from luspo_megatron.config.training import AlgorithmConfig, OptimizerConfig
+from luspo_megatron.errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Training checkpoints (Megatron dist_checkpointing, atomic commit)."""
+
+    load: str | None = opt(None, "--load", help="Checkpoint directory to resume from (its `latest`).")
+    save: str | None = opt(None, "--save", help="Checkpoint directory to save to.")
+    save_interval: int | None = opt(None, "--save-interval", help="Save every N RL steps (and at the end).")
+    keep_last: int | None = opt(None, "--keep-last", help="Keep only the newest N checkpoints.")
+    ckpt_step: int | None = opt(
+        None, "--ckpt-step", help="Resume from this step of --load instead of its `latest`."
+    )
+    pretrained_checkpoint: str | None = opt(
+        None, "--pretrained-checkpoint",
+        help="dist checkpoint (e.g. from tools/convert_hf_to_megatron.py) whose weights start the run "
+             "when --load has nothing to resume.",
+    )
+    no_load_optim: bool = opt(
+        False, "--no-load-optim", help="Resume without the optimizer state (fresh Adam moments).",
+        action="store_true",
+    )
+    no_load_rng: bool = opt(False, "--no-load-rng", help="Resume without the RNG states.", action="store_true")
+
+    def __post_init__(self) -> None:
+        for name in ("save_interval", "keep_last"):
+            if getattr(self, name) is not None:
+                positive(CheckpointConfig, self, name)
+        if self.ckpt_step is not None:
+            check(isinstance(self.ckpt_step, int) and self.ckpt_step >= 0, CheckpointConfig, "ckpt_step",
+                   "a non-negative integer", self.ckpt_step)
+
+
+# ------------------------------------------------------------------------------------------- logging
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_dir: str = opt("runs/latest", "--log-dir", help="metrics.jsonl, TensorBoard events, samples and plots.")
+    wandb_project: str | None = opt(None, "--wandb-project", help="Also log to wandb (when installed).")
+    sample_interval: int = opt(10, "--sample-log-interval", help="Write a few samples every N steps.")
+    samples_per_step: int = opt(3, "--samples-per-step", help="Samples written per logged step; -1: all of them.")
+    progress: bool = opt(True, "--no-progress", help="Disable the progress bar.", action="store_false")
+
+    def __post_init__(self) -> None:
+        positive(LoggingConfig, self, "sample_interval")
+        check(self.samples_per_step == -1 or self.samples_per_step >= 1, LoggingConfig, "samples_per_step",
+               "-1 or ≥ 1", self.samples_per_step)
+
+
+# ---------------------------------------------------------------------------------------------- root
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "rollout": RolloutConfig,
+    "algorithm": AlgorithmConfig,
+    "optimizer": OptimizerConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run. ``train_iters`` counts RL steps (rollout + its optimizer steps)."""
+
+    train_iters: int = opt(20, "--train-iters", help="RL steps to run.")
+    seed: int = opt(1234, "--seed", help="Seeds torch, numpy, random, Megatron's RNG tracker, data and sampling.")
+    sft_warmup_steps: int = opt(0, "--sft-warmup-steps", help="Supervised warm-up steps before RL.")
+    sft_lr: float = opt(1e-3, "--sft-lr", help="Learning rate of the supervised warm-up (its own AdamW).")
+    sft_batch_size: int = opt(64, "--sft-batch-size", help="Sequences per supervised warm-up step.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        positive(RunConfig, self, "train_iters")
+        check(self.sft_warmup_steps >= 0, RunConfig, "sft_warmup_steps", "≥ 0", self.sft_warmup_steps)
+        check(self.sft_lr > 0, RunConfig, "sft_lr", "> 0", self.sft_lr)
+        positive(RunConfig, self, "sft_batch_size")
+        batch = self.rollout.rollout_batch_size * self.algorithm.n_samples_per_prompt
+        gbs = self.optimizer.global_batch_size
+        if gbs is not None and batch % gbs != 0:
+            raise ConfigError(
+                f"--global-batch-size: expected a divisor of the rollout batch "
+                f"(--rollout-batch-size × --n-samples-per-prompt = {batch}), got {gbs}",
+                field="global_batch_size",
+            )
+
+    @property
+    def sequences_per_rollout(self) -> int:
+        return self.rollout.rollout_batch_size * self.algorithm.n_samples_per_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,258 @@
+"""The RL loop of docs/design.md §4, on one page.
+
+One RL step:
+
+1–4 rollout        rank 0 draws P prompts, asks the engines for G samples each, scores them and
+                   computes advantages (``rollout_step.py``; DAPO dynamic sampling refills flat groups);
+                   the batch is broadcast to every rank (no other rank talks HTTP);
+5–6 train          every rank packs its data-parallel share, computes old/ref log-probs and runs the
+                   optimizer steps of the rollout (``policy_step.py``; Megatron schedules, loss at the
+                   last stage with the GLOBAL sequence count of each mini-batch);
+7   weight sync    the new weights go to the engines (``weights.py``: pause → update → version → continue);
+8   bookkeeping    metrics, samples, checkpoint (``resume.py``), progress bar.
+
+Robustness: a non-finite gradient skips its optimizer step (three in a row stop the run with a
+checkpoint); SIGTERM / SIGINT finish the current step, save and exit; a local rollout server that
+dies is restarted by a supervisor while the client retries the requests it lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from luspo_megatron.config import RunConfig, config_to_yaml
+from luspo_megatron.errors import UserError
+from luspo_megatron.runtime.distributed import any_rank, broadcast_object, init_process_group
+from luspo_megatron.trainer import assets as run_assets
+from luspo_megatron.trainer import resume
+from luspo_megatron.trainer.batch import RolloutBatch, sample_rows
+from luspo_megatron.trainer.policy_step import merge_step_metrics, train_on_batch
+from luspo_megatron.trainer.timer import Timer
+from luspo_megatron.trainer.weights import sync_weights, write_hf
+
+logger = logging.getLogger("luspo_megatron.trainer")
+
+# Consecutive optimizer steps with a non-finite gradient after which the run stops.
+MAX_CONSECUTIVE_SKIPS = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """The gradient was not finite for MAX_CONSECUTIVE_SKIPS optimizer steps in a row."""
+
+
+class Trainer:
+    """Build everything from a :class:`RunConfig`, then :meth:`run` the RL loop."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.log_dir = Path(config.logging.log_dir)
+        self.timer = Timer()
+        self.stop_requested = False
+        self.consecutive_skips = 0
+        self.step = 0
+        self._saved_step = -1
+        self._stack = contextlib.ExitStack()
+        self.engine = None  # rank 0 only
+
+    # ---------------------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        from luspo_megatron.parallel.policy import MegatronPolicy
+        from luspo_megatron.parallel.state import validate_parallel
+
+        cfg = self.config
+        # docs/design.md §5: validate before any process group exists.
+        validate_parallel(cfg.parallel, run_assets.arch_for_validation(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+        init_process_group()
+        self.is_rank0 = torch.distributed.get_rank() == 0
+        assets = None
+        if self.is_rank0:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            (self.log_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            assets = run_assets.prepare(cfg, self.log_dir / "assets")
+        self.assets = assets = broadcast_object(assets)
+        model_cfg = dataclasses.replace(cfg.model, hf_checkpoint=str(assets.hf_dir))
+        self.policy = MegatronPolicy.from_config(
+            dataclasses.replace(cfg, model=model_cfg), total_steps=cfg.train_iters * self.optimizer_steps_per_rollout,
+            with_reference=cfg.algorithm.kl_coef > 0 or cfg.algorithm.log_ref_kl,
+        )
+        self.resume_state = resume.maybe_load(cfg, self.policy, assets.fingerprint)
+        self.step = self.resume_state.step
+        # The policy RL starts from: the initial model, or what the SFT warm-up made of it.
+        self.start_hf_dir = Path(self.resume_state.extra.get("start_hf_dir") or assets.hf_dir)
+        if cfg.sft_warmup_steps and not self.resume_state.resumed:
+            self._sft_warmup()
+        if cfg.algorithm.kl_coef > 0 or cfg.algorithm.log_ref_kl:
+            from luspo_megatron.models.weights import hf_safetensors_source
+
+            if not (self.start_hf_dir / "config.json").is_file():
+                raise UserError(f"--load: the reference model's weights {self.start_hf_dir} are gone; "
+                                "the KL reference is the policy RL started from")
+            self.policy.load_reference(hf_safetensors_source(self.start_hf_dir))
+        self._install_signal_handlers()
+        if self.is_rank0:
+            self._setup_rank0()
+        # The engines start from assets/hf_init: push the policy unless it is exactly that.
+        if cfg.sft_warmup_steps or self.resume_state.weights_differ_from_assets:
+            self._sync_weights()
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        cfg = self.config
+        gbs = cfg.optimizer.global_batch_size or cfg.sequences_per_rollout
+        return cfg.optimizer.num_steps_per_rollout or max(1, cfg.sequences_per_rollout // gbs)
+
+    def _sft_warmup(self) -> None:
+        from luspo_megatron.trainer.sft import sft_warmup
+
+        examples = broadcast_object(self.assets.sft_examples() if self.is_rank0 else None)
+        sft_warmup(self.policy, examples, self.config, pad_token_id=self.assets.pad_token_id,
+                   log_path=self.log_dir / "sft.jsonl" if self.is_rank0 else None)
+        self.start_hf_dir = self.log_dir / "assets" / "hf_after_sft"
+        # With the tokenizer, so that other runs can start from it (--hf-checkpoint).
+        tokenizer_dir = self.assets.tokenizer_dir
+        extra = [tokenizer_dir / n for n in run_assets.TOKENIZER_FILES
+                 if (tokenizer_dir / n).is_file() and n != "generation_config.json"]
+        write_hf(self.policy, self.start_hf_dir, self.assets.hf_dir, is_rank0=self.is_rank0, extra_files=extra,
+                 bucket_bytes=self.config.rollout.update_weight_buffer_size)
+
+    def _setup_rank0(self) -> None:
+        from luspo_megatron.data.dataset import PromptIterator
+        from luspo_megatron.logging import MetricsLogger, Progress, SampleLogger
+        from luspo_megatron.rewards.compose import reward_from_config
+        from luspo_megatron.rollout.fleet import start_fleet
+        from luspo_megatron.trainer.rollout_step import RolloutStep
+
+        cfg = self.config
+        tokenizer = self.assets.tokenizer()
+        dataset = self.assets.dataset(tokenizer)
+        logger.info(dataset.report())
+        self.prompts = PromptIterator(dataset, cfg.rollout.rollout_batch_size, cfg.seed)
+        if self.resume_state.resumed and self.resume_state.extra.get("data") is not None:
+            self.prompts.load_state_dict(self.resume_state.extra["data"])
+        reward = self._stack.enter_context(reward_from_config(cfg.data))
+        routed = ((self.policy.arch.num_layers, self.policy.arch.moe_router_topk)
+                  if cfg.rollout.use_rollout_routing_replay else None)
+        self.engine = self._stack.enter_context(start_fleet(
+            cfg.rollout, hf_dir=self.assets.hf_dir, seed=cfg.seed, log_dir=self.log_dir, routed_layout=routed))
+        self.collect = RolloutStep(cfg, self.engine, tokenizer, reward, self.prompts, self.assets.stop_token_ids)
+        resumed_step = self.step if self.resume_state.resumed else 0
+        self.metrics_log = MetricsLogger(self.log_dir, resume_step=resumed_step,
+                                         wandb_project=cfg.logging.wandb_project, run_config=cfg.to_dict())
+        self._stack.callback(self.metrics_log.close)
+        self.samples_log = SampleLogger(self.log_dir, cfg.logging.sample_interval, cfg.logging.samples_per_step)
+        self.progress = Progress(cfg.train_iters, start=self.step, enabled=cfg.logging.progress)
+        self._stack.callback(self.progress.close)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame) -> None:  # finish the step, save, exit (checked between steps)
+            if self.stop_requested:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            logger.warning("signal %s: finishing this step, then saving and exiting", signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    # -------------------------------------------------------------------------------- the loop
+    def run(self) -> list[dict[str, float]]:
+        """Set up, run ``train_iters`` RL steps (or resume up to it), save, and tear down. On
+        SIGTERM / SIGINT the current step finishes, a checkpoint is saved and the run ends."""
+        history: list[dict[str, float]] = []
+        with self._stack:
+            self.setup()
+            interval = self.config.checkpoint.save_interval
+            while self.step < self.config.train_iters:
+                if any_rank(self.stop_requested):
+                    logger.warning("stopping at step %d on request", self.step)
+                    break
+                self.step += 1
+                history.append(self.train_one_step())
+                if interval and self.step % interval == 0:
+                    self._save()
+            if self._saved_step != self.step:  # the end of the run, or a requested stop
+                self._save()
+            if self.is_rank0:
+                self._finish()
+        return history
+
+    def train_one_step(self) -> dict[str, float]:
+        """One RL step (the module docstring's 1–8); returns its metrics on every rank."""
+        self.timer = Timer()
+        start = time.perf_counter()
+        batch: RolloutBatch = self.collect(self.step, self.timer) if self.is_rank0 else None
+        with self.timer("broadcast"):
+            batch = broadcast_object(batch)
+        step_metrics = train_on_batch(self.policy, batch, self.config, self.assets.pad_token_id, self.timer)
+        for metrics in step_metrics:
+            self._check_finite(metrics)
+        train_metrics = merge_step_metrics(step_metrics, has_reference=self.policy.reference is not None)
+        with self.timer("sync"):
+            self._sync_weights()
+        metrics = {**batch.metrics, **train_metrics}
+        seconds = self.timer.seconds
+        metrics.update({f"time_{k}_s": v for k, v in seconds.items()})
+        metrics["time_step_s"] = time.perf_counter() - start
+        response_tokens = sum(len(s.response_ids) for s in batch.samples)
+        all_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch.samples)
+        metrics["rollout_tokens_per_s"] = response_tokens / max(seconds.get("rollout", 0.0), 1e-9)
+        metrics["train_tokens_per_s"] = all_tokens / max(seconds.get("train", 0.0), 1e-9)
+        metrics["tokens_per_s"] = all_tokens / metrics["time_step_s"]
+        if self.is_rank0:
+            metrics.update(self.engine.metrics())
+            self.metrics_log.log(self.step, metrics)
+            self.samples_log.maybe_log(self.step, sample_rows(batch, self.config.algorithm.n_samples_per_prompt,
+                                                              self.config.logging.samples_per_step))
+            self.progress.update(metrics)
+        self._stop_if_diverged()
+        return metrics
+
+    def _sync_weights(self) -> None:
+        """Export the policy's weights (a collective) and hand them to the engines (rank 0)."""
+        sync_weights(self.policy, self.engine, str(self.step))
+
+    def _save(self) -> None:
+        if not self.config.checkpoint.save:
+            return
+        data_state = self.prompts.state_dict() if self.is_rank0 else None
+        resume.save(self.config, self.step, self.policy, data_state=data_state, assets=self.assets,
+                    start_hf_dir=self.start_hf_dir)
+        self._saved_step = self.step
+
+    # --------------------------------------------------------------------------- non-finite steps
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        finite = math.isfinite(metrics.get("loss", 0.0)) and not metrics.get("skipped", 0.0)
+        self.consecutive_skips = 0 if finite else self.consecutive_skips + 1
+        if not finite:
+            logger.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): optimizer step skipped",
+                           self.step, metrics.get("loss"), metrics.get("grad_norm"))
+
+    def _stop_if_diverged(self) -> None:
+        """After the step's metrics are logged: three skipped optimizer steps in a row end the run."""
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            self._save()
+            raise TrainingDiverged(
+                f"{MAX_CONSECUTIVE_SKIPS} optimizer steps in a row had a non-finite loss or gradient at RL step "
+                f"{self.step}; a checkpoint was saved. Lower --lr, raise --clip-grad, or check the data."
+            )
+
+    def _finish(self) -> None:
+        from rich.console import Console
+
+        from luspo_megatron.logging import plot_runs, read_metrics, summary_table
+
+        self.progress.close()
+        rows = read_metrics(self.log_dir / "metrics.jsonl")
+        if rows:
+            plot_runs({self.config.algorithm.loss: rows}, self.log_dir / "curves.png")
+            Console().print(summary_table(rows))
+            Console().print(f"metrics: {self.log_dir / 'metrics.jsonl'}   curves: {self.log_dir / 'curves.png'}")
+
