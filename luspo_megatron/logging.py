@@ -1,4 +1,5 @@
-"""Run logging: metrics.jsonl, TensorBoard (+ wandb when installed), samples, progress bar, plots.
+"""Run logging: metrics.jsonl, TensorBoard (+ wandb when installed), samples, progress (a bar on a
+terminal, plain lines elsewhere), plots.
 
 Only rank 0 logs. ``metrics.jsonl`` has one JSON object per RL step; on resume the file is cut
 back to the resumed step, then appended, so a resumed run reads like an uninterrupted one.
@@ -10,9 +11,11 @@ import json
 import logging as _stdlib_logging
 import math
 import os
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 logger = _stdlib_logging.getLogger("luspo_megatron")
 
@@ -101,33 +104,76 @@ class SampleLogger:
 
 
 class Progress:
-    """A rich progress bar with the step, reward, response length and ETA (rank 0 only)."""
+    """Per-step progress on rank 0: a rich bar on a terminal, plain lines elsewhere.
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True) -> None:
+    The bar (step, reward, response length, loss, ETA) is drawn when ``stream`` (default stdout,
+    where the bar and the end-of-run summary always went) is a terminal. When it is not (``make
+    demo > log``, CI, ``nohup``, a cluster's job log) a bar would print nothing until the end, so one
+    line is written every ``log_interval`` steps and at the last step::
+
+        RL step 12/100  reward 0.5312  len 812.4  clip 0.0123  step 3.21s  ETA 0:04:42
+
+    The ETA is (steps left) × (mean step time so far): ``time_step_s`` of the metrics when given,
+    else the wall time between updates.
+    """
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, log_interval: int = 1,
+                 stream: TextIO | None = None) -> None:
+        if log_interval < 1:
+            raise ValueError(f"log_interval: expected ≥ 1, got {log_interval}")
+        self.total, self.step, self.log_interval = total, start, log_interval
+        self._stream = stream if stream is not None else sys.stdout
         self._bar = None
+        self._lines = False
+        self._step_times: list[float] = []
+        self._last = time.monotonic()
         if not enabled:
             return
+        isatty = getattr(self._stream, "isatty", None)
+        if not (callable(isatty) and isatty()):
+            self._lines = True
+            return
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
         self._bar = RichProgress(
             TextColumn("[bold]RL step"), MofNCompleteColumn(), BarColumn(),
             TextColumn("reward {task.fields[reward]}  len {task.fields[length]}  loss {task.fields[loss]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(file=self._stream),
         )
         self._task = self._bar.add_task("train", total=total, completed=start, reward="-", length="-", loss="-")
         self._bar.start()
 
     def update(self, metrics: Mapping[str, Any]) -> None:
-        if self._bar is None:
-            return
+        now = time.monotonic()
+        seconds = metrics.get("time_step_s")
+        self._step_times.append(float(seconds) if isinstance(seconds, (int, float)) else now - self._last)
+        self._last = now
+        self.step += 1
         fmt = lambda key, spec: format(metrics[key], spec) if isinstance(metrics.get(key), (int, float)) else "-"
-        self._bar.update(self._task, advance=1, reward=fmt("reward_mean", ".3f"),
-                         length=fmt("response_len_mean", ".1f"), loss=fmt("loss", ".4g"))
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, reward=fmt("reward_mean", ".3f"),
+                             length=fmt("response_len_mean", ".1f"), loss=fmt("loss", ".4g"))
+        if self._lines and (self.step % self.log_interval == 0 or self.step >= self.total):
+            eta_s = max(self.total - self.step, 0) * (sum(self._step_times) / len(self._step_times))
+            self._stream.write(
+                f"RL step {self.step}/{self.total}  reward {fmt('reward_mean', '.4f')}  "
+                f"len {fmt('response_len_mean', '.1f')}  clip {fmt('clip_frac', '.4f')}  "
+                f"step {self._step_times[-1]:.2f}s  ETA {_hms(eta_s)}\n")
+            self._stream.flush()
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+            self._bar = None
+
+
+def _hms(seconds: float) -> str:
+    """3725.4 -> "1:02:05" (rounded to the second)."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def curve_points(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:

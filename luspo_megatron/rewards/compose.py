@@ -15,10 +15,14 @@ from typing import Any
 
 from luspo_megatron.errors import ConfigError
 from luspo_megatron.rewards.format import FORMAT_SCORE
-from luspo_megatron.rewards.math import MATH_SCORE
+from luspo_megatron.rewards.math import AUTO_SCORE, DAPO_SCORE, MATH_SCORE
 from luspo_megatron.rewards.pool import RewardPool, ScoreStats, load_function
 
-REWARD_KINDS = ("math", "math+format")
+# --reward: math = the last \boxed{}; dapo = the last "Answer:" line (DAPO-Math-17k's prompts);
+# auto = the boxed answer if any, else the Answer line (rewards/math.py). The format term of
+# math+format asks for a boxed answer, so it pairs with math only.
+REWARD_KINDS = ("math", "math+format", "dapo", "auto")
+_SINGLE_TERM = {"math": MATH_SCORE, "dapo": DAPO_SCORE, "auto": AUTO_SCORE}
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,8 @@ def build_reward(
         except ValueError as err:
             raise ConfigError(f"--custom-reward-path: {err}", field="custom_reward_path") from None
         terms = [RewardTerm("custom", custom_reward_path)]
-    elif kind == "math":
-        terms = [RewardTerm("math", MATH_SCORE)]
+    elif kind in _SINGLE_TERM:
+        terms = [RewardTerm("math", _SINGLE_TERM[kind])]  # one term, named "math" whichever answer it reads
     elif kind == "math+format":
         fmt = FORMAT_SCORE + ("_thinking" if enable_thinking else "")
         terms = [RewardTerm("math", MATH_SCORE), RewardTerm("format", fmt, weight=format_weight, in_pool=False)]
