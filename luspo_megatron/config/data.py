@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from luspo_megatron.config.fields import check, opt, positive
 
+REWARD_KINDS = ("math", "math+format", "dapo", "auto")  # rewards/compose.py builds each
+
 
 # ---------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
@@ -27,7 +29,12 @@ class DataConfig:
                                 action="store_true")
     skip_bad_rows: bool = opt(False, "--skip-bad-rows", help="Count and skip rows that fail to parse.",
                               action="store_true")
-    reward: str = opt("math", "--reward", help="Reward function.", choices=("math", "math+format"))
+    reward: str = opt(
+        "math", "--reward", choices=REWARD_KINDS,
+        help="Reward: math = the last \\boxed{} (math-verify); dapo = the last 'Answer:' line, normalised as verl's "
+             "math_dapo (DAPO-Math-17k); auto = \\boxed{} if present, else the Answer line; math+format = math "
+             "plus a format term.",
+    )
     custom_reward_path: str | None = opt(
         None, "--custom-reward-path", help="module:function computing the reward instead of --reward."
     )

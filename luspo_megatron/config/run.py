@@ -54,9 +54,13 @@ class LoggingConfig:
     sample_interval: int = opt(10, "--sample-log-interval", help="Write a few samples every N steps.")
     samples_per_step: int = opt(3, "--samples-per-step", help="Samples written per logged step; -1: all of them.")
     progress: bool = opt(True, "--no-progress", help="Disable the progress bar.", action="store_false")
+    log_interval: int = opt(
+        1, "--log-interval",
+        help="When stdout is not a terminal (a log file, CI, nohup), print a progress line every N RL steps.",
+    )
 
     def __post_init__(self) -> None:
-        positive(LoggingConfig, self, "sample_interval")
+        positive(LoggingConfig, self, "sample_interval", "log_interval")
         check(self.samples_per_step == -1 or self.samples_per_step >= 1, LoggingConfig, "samples_per_step",
                "-1 or ≥ 1", self.samples_per_step)
 

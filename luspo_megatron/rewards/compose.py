@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from luspo_megatron.config.data import REWARD_KINDS  # the --reward choices live in config
 from luspo_megatron.errors import ConfigError
 from luspo_megatron.rewards.format import FORMAT_SCORE
 from luspo_megatron.rewards.math import AUTO_SCORE, DAPO_SCORE, MATH_SCORE
@@ -21,7 +22,6 @@ from luspo_megatron.rewards.pool import RewardPool, ScoreStats, load_function
 # --reward: math = the last \boxed{}; dapo = the last "Answer:" line (DAPO-Math-17k's prompts);
 # auto = the boxed answer if any, else the Answer line (rewards/math.py). The format term of
 # math+format asks for a boxed answer, so it pairs with math only.
-REWARD_KINDS = ("math", "math+format", "dapo", "auto")
 _SINGLE_TERM = {"math": MATH_SCORE, "dapo": DAPO_SCORE, "auto": AUTO_SCORE}
 
 

@@ -149,7 +149,8 @@ class Trainer:
                                          wandb_project=cfg.logging.wandb_project, run_config=cfg.to_dict())
         self._stack.callback(self.metrics_log.close)
         self.samples_log = SampleLogger(self.log_dir, cfg.logging.sample_interval, cfg.logging.samples_per_step)
-        self.progress = Progress(cfg.train_iters, start=self.step, enabled=cfg.logging.progress)
+        self.progress = Progress(cfg.train_iters, start=self.step, enabled=cfg.logging.progress,
+                                 log_interval=cfg.logging.log_interval)
         self._stack.callback(self.progress.close)
 
     def _install_signal_handlers(self) -> None:
