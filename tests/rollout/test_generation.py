@@ -114,7 +114,7 @@ def test_loading_per_expert_checkpoint_names_reproduces_the_other_model(tiny_moe
 def test_loading_a_tensor_of_the_wrong_shape_is_refused(generator):
     with pytest.raises(ValueError, match="shape"):
         generator.load_named_tensors([("model.norm.weight", torch.zeros(3))])
-    with pytest.raises(KeyError, match="no such parameter"):
+    with pytest.raises(ValueError, match="unknown tensor model.nothing.weight"):
         generator.load_named_tensors([("model.nothing.weight", torch.zeros(3))])
 
 
@@ -154,11 +154,12 @@ def test_a_nucleus_wider_than_the_candidates_falls_back_to_a_full_sort():
 def test_reload_of_the_same_architecture_copies_in_place_and_equals_a_fresh_load(tiny_moe, tiny_moe_b, tmp_path):
     """The weight-sync path: same config.json, every parameter covered -> tensors copied into the
     live model (no rebuild), bit-equal to loading the directory from scratch. A directory that
-    misses one tensor must not be half-applied: it goes to a from-scratch load instead, which
-    transformers refuses (it cannot fuse an incomplete expert set), and the live model stays as it was."""
+    misses one tensor is refused, naming it, and the live model stays as it was."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from luspo_megatron.rollout.weight_files import WeightUpdateRefused
 
     generator = TransformersGenerator(tiny_moe)
     live = generator.model
@@ -175,7 +176,7 @@ def test_reload_of_the_same_architecture_copies_in_place_and_equals_a_fresh_load
     dropped = next(k for k in tensors if ".experts.1.up_proj" in k)
     save_file({k: v for k, v in tensors.items() if k != dropped}, str(partial / "model.safetensors"))
     before = {k: v.clone() for k, v in live.state_dict().items()}
-    with pytest.raises(RuntimeError, match="conversion of the weights"):
+    with pytest.raises(WeightUpdateRefused, match=f"missing tensor {dropped}"):
         generator.reload(partial)
     assert generator.model is live and generator.model_path == str(tiny_moe_b)
     assert all(torch.equal(live.state_dict()[k], before[k]) for k in before)  # not half-applied
