@@ -239,9 +239,11 @@ class Trainer:
                 yield engine
             return
         # The local engine serves the weights of the policy as it is now (a resumed run exported them).
+        # The servers take a random API key and read weights only where _sync_weights writes them.
         with LocalEngines(self.run_assets.hf_dir, cfg.num_engines, seed=self.config.seed, device=cfg.local_device,
-                          log_dir=self.log_dir / "rollout_servers", startup_timeout_s=cfg.startup_timeout_s) as local:
-            with SGLangEngine(local.urls, **self._client_options()) as engine:
+                          log_dir=self.log_dir / "rollout_servers", startup_timeout_s=cfg.startup_timeout_s,
+                          allowed_weight_dirs=[self.log_dir / "rollout_weights"]) as local:
+            with SGLangEngine(local.urls, api_key=local.api_key, **self._client_options()) as engine:
                 engine.wait_healthy(cfg.startup_timeout_s)
                 local.engine = engine
                 self.local_engines = local
