@@ -64,7 +64,9 @@ class SGLangEngine:
     Construction waits (up to ``startup_timeout_s``) until every server answers
     ``/health_generate`` with 200, then reads ``/model_info``. ``routed_layout=(num_layers,
     top_k)`` asks for ``return_routed_experts`` and decodes it into ``Sample.routed_experts``.
-    ``weight_sync`` picks what :meth:`update_weights` does with tensor buckets.
+    ``weight_sync`` picks what :meth:`update_weights` does with tensor buckets. ``api_key`` goes
+    out as ``Authorization: Bearer`` on every request (generate, health, info, control, weight sync,
+    the router's worker list), as sglang's ``--api-key`` expects.
     """
 
     def __init__(
@@ -220,8 +222,8 @@ class SGLangEngine:
             if resp.status >= 500 or resp.status in _RETRY_STATUS:
                 raise _Retryable(f"HTTP {resp.status}: {(await resp.text())[:200]}")
             if resp.status != 200:
-                raise RolloutError(f"{server.url}/generate rejected prompt {index}: HTTP {resp.status}: "
-                                   f"{(await resp.text())[:300]}")
+                raise RolloutError(f"{server.url}/generate rejected prompt {index}: HTTP {resp.status}"
+                                   f"{_auth_hint(resp.status)}: {(await resp.text())[:300]}")
             data = await resp.json(content_type=None)
         outputs = data if isinstance(data, list) else [data]
         if len(outputs) != count:
@@ -282,7 +284,7 @@ class SGLangEngine:
         if status in (404, 405):  # sglang < 0.5.9 has only the /get_* form
             status, body = await self._get(url, legacy)
         if status != 200 or not isinstance(body, dict):
-            raise RolloutError(f"{url}{path}: HTTP {status}")
+            raise RolloutError(f"{url}{path}: HTTP {status}{_auth_hint(status)}")
         return body
 
     def weight_version(self) -> str:
@@ -328,7 +330,7 @@ class SGLangEngine:
                 if status == 200:
                     return
                 if status != 400:  # 400: requests still in flight; anything else is an error
-                    raise RolloutError(f"{url}/flush_cache: HTTP {status}: {str(answer)[:200]}")
+                    raise RolloutError(f"{url}/flush_cache: HTTP {status}{_auth_hint(status)}: {str(answer)[:200]}")
                 await asyncio.sleep(self.flush_retry_s)
             raise RolloutError(f"{url}/flush_cache: still busy (HTTP 400) after {self.flush_retries} tries")
         await asyncio.gather(*(one(u) for u in self.worker_urls))
@@ -450,7 +452,12 @@ async def _body(resp: aiohttp.ClientResponse) -> Any:
 def _check_control(url: str, path: str, status: int, answer: Any) -> None:
     if status != 200 or (isinstance(answer, dict) and answer.get("success") is False):
         message = answer.get("message") if isinstance(answer, dict) else str(answer)
-        raise RolloutError(f"{url}{path}: HTTP {status}: {str(message)[:300]}")
+        raise RolloutError(f"{url}{path}: HTTP {status}{_auth_hint(status)}: {str(message)[:300]}")
+
+
+def _auth_hint(status: int) -> str:
+    """What a 401 means: the server wants an API key (``api_key=``, the trainer's --sglang-api-key)."""
+    return " (the server requires an API key: --sglang-api-key)" if status == 401 else ""
 
 
 def _check_all(urls: list[str], path: str, results: list) -> None:
