@@ -107,6 +107,9 @@ class GenerateRequest:
         self.results = [None] * len(self.rows)
         self.pending = len(self.rows)
         self.done = loop.create_future()
+        # A request whose client left (or a health probe answered) may fail with nobody waiting:
+        # mark its error as seen so asyncio does not log it as never retrieved.
+        self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def finish_row(self, index: int, result: GenResult) -> None:
         if self.results[index] is not None:

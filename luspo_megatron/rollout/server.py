@@ -230,9 +230,13 @@ class SGLangAPIServer:
         self.scheduler.submit(probe)
         healthy = False
         while (left := tic + self.health_timeout_s - time.monotonic()) > 0:
-            done, _ = await asyncio.wait({probe.done}, timeout=min(0.05, left))
-            if done:
-                healthy = probe.done.exception() is None
+            if probe.done.done():  # aborted (a pause) or failed: only progress of other rows counts now
+                await asyncio.sleep(min(0.05, left))
+            else:
+                await asyncio.wait({probe.done}, timeout=min(0.05, left))
+            if probe.done.done() and probe.done.exception() is None and \
+                    probe.results[0].finish != protocol.FINISH_ABORT:
+                healthy = True
                 break
             if self.generator.last_step > tic:
                 healthy = True

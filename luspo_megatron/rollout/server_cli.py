@@ -67,7 +67,7 @@ def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """:class:`~.server.SGLangAPIServer` keywords from parsed flags; one-line errors (exit 2)."""
     if not Path(args.hf_dir, "config.json").is_file():
         parser.error(f"--hf-dir: expected a Hugging Face model directory with config.json, got {args.hf_dir!r}")
-    for flag, value, low in (("--port", args.port, 0), ("--max-running-requests", args.max_running_requests, 1),
+    for flag, value, low in (("--port", args.port, 1), ("--max-running-requests", args.max_running_requests, 1),
                              ("--max-n", args.max_n, 1), ("--max-body-bytes", args.max_body_bytes, 1024),
                              ("--max-tensor-body-bytes", args.max_tensor_body_bytes, 1024)):
         if value < low:
