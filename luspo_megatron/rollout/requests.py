@@ -1,4 +1,4 @@
-"""Request bodies for our SGLang-API server: read them safely and validate ``/generate``.
+"""Request bodies for our SGLang-API server: read them safely, validate ``/generate``, render its answer.
 
 Every malformed or out-of-bounds body is answered before it reaches the model, with HTTP 400 and a
 message that names the field (sglang's error body, ``/work/shared/reference/sglang_api.md`` §1):
@@ -227,6 +227,38 @@ def parse_generate(
         rid=rid, rows=rows, prompt_index=prompt_index, sample_ids=sample_ids, return_logprob=return_logprob,
         no_stop_trim=no_stop_trim, want_routing=want_routing, batched=batched_input or total > len(prompts),
     )
+
+
+def generate_response(
+    req: GenerateRequest, results: list[GenResult], weight_version: str, tokenizer: Any = None
+) -> Any:
+    """sglang's /generate answer for ``req``: one output object, or a list of them for a batched
+    input or ``n > 1`` (``/work/shared/reference/sglang_api.md`` §1.1)."""
+    latency = time.perf_counter() - req.started
+    outputs = []
+    for i, result in enumerate(results):
+        row = req.rows[i]
+        tokens, logp = list(result.tokens), list(result.logp)
+        if result.finish == protocol.FINISH_STOP:
+            reason = protocol.finish_stop(result.matched)
+            if not req.no_stop_trim[i]:  # SGLang drops the matched stop token unless no_stop_trim
+                tokens, logp = tokens[:-1], logp[:-1]
+        elif result.finish == protocol.FINISH_LENGTH:
+            reason = protocol.finish_length(len(tokens))
+        else:
+            reason = protocol.finish_abort(row.abort_message)
+        meta: dict[str, Any] = {
+            "id": req.sample_ids[i], "finish_reason": reason, "prompt_tokens": len(row.prompt_ids),
+            "completion_tokens": len(tokens), "cached_tokens": 0, "reasoning_tokens": 0,
+            "weight_version": weight_version, "num_retractions": 0, "dp_rank": None, "e2e_latency": latency,
+        }
+        if req.return_logprob:
+            meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(logp, tokens)]
+        if req.want_routing and result.routed_experts is not None:
+            meta["routed_experts"] = protocol.encode_routed_experts(result.routed_experts)
+        text = tokenizer.decode(tokens, skip_special_tokens=False) if tokenizer else ""
+        outputs.append({"text": text, "output_ids": tokens, "meta_info": meta})
+    return outputs if req.batched else outputs[0]
 
 
 def _prompts(ids: Any, limits: Limits) -> tuple[list[list[int]], bool]:

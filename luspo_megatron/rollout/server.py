@@ -42,6 +42,7 @@ from luspo_megatron.rollout.requests import (
     GenerateRequest,
     Limits,
     UnknownSamplingKey,
+    generate_response,
     parse_generate,
     read_json,
 )
@@ -171,8 +172,8 @@ class SGLangAPIServer:
         if fault == "abort":
             for row in req.rows:
                 row.abort_message = "injected fault: abort"
-            return web.json_response(self._response(
-                req, [GenResult(tokens=[], logp=[], finish=protocol.FINISH_ABORT) for _ in req.rows]))
+            aborted = [GenResult(tokens=[], logp=[], finish=protocol.FINISH_ABORT) for _ in req.rows]
+            return web.json_response(generate_response(req, aborted, self.weight_version, self.tokenizer))
         # While paused, new requests wait here (SGLang's is_pause_cond), unless their client leaves.
         unpaused = asyncio.ensure_future(self.scheduler.unpaused.wait())
         if not await self._wait(request, unpaused):
@@ -185,35 +186,7 @@ class SGLangAPIServer:
             return error_body("client disconnected", status=499)
         if req.done.exception() is not None:
             return error_body(f"generation failed: {req.done.exception()}", status=500)
-        return web.json_response(self._response(req, req.results))
-
-    def _response(self, req: GenerateRequest, results: list[GenResult]) -> Any:
-        latency = time.perf_counter() - req.started
-        outputs = []
-        for i, result in enumerate(results):
-            row = req.rows[i]
-            tokens, logp = list(result.tokens), list(result.logp)
-            if result.finish == protocol.FINISH_STOP:
-                reason = protocol.finish_stop(result.matched)
-                if not req.no_stop_trim[i]:  # SGLang drops the matched stop token unless no_stop_trim
-                    tokens, logp = tokens[:-1], logp[:-1]
-            elif result.finish == protocol.FINISH_LENGTH:
-                reason = protocol.finish_length(len(tokens))
-            else:
-                reason = protocol.finish_abort(row.abort_message)
-            meta: dict[str, Any] = {
-                "id": req.sample_ids[i], "finish_reason": reason, "prompt_tokens": len(row.prompt_ids),
-                "completion_tokens": len(tokens), "cached_tokens": 0, "reasoning_tokens": 0,
-                "weight_version": self.weight_version, "num_retractions": 0, "dp_rank": None,
-                "e2e_latency": latency,
-            }
-            if req.return_logprob:
-                meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(logp, tokens)]
-            if req.want_routing and result.routed_experts is not None:
-                meta["routed_experts"] = protocol.encode_routed_experts(result.routed_experts)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=False) if self.tokenizer else ""
-            outputs.append({"text": text, "output_ids": tokens, "meta_info": meta})
-        return outputs if req.batched else outputs[0]
+        return web.json_response(generate_response(req, req.results, self.weight_version, self.tokenizer))
 
     # ---------------------------------------------------------------------------- health, info
     async def health(self, request: web.Request) -> web.Response:
