@@ -248,8 +248,11 @@ class TransformersGenerator:
         config = self.model.config
         self.pad_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
         self.vocab_size = int(config.vocab_size)
-        # Tensor names and shapes of the directory we started from: what every later update must hold.
-        self.layout = weight_files.read_layout(hf_dir)
+        # Tensor names and shapes of the directory we started from: what every later update must hold
+        # (names the model has no parameter for are skipped, now and in every update).
+        layout = weight_files.read_layout(hf_dir)
+        params = dict(self.model.named_parameters())
+        self.layout = layout.without({n for n in layout.shapes if _fused_target(n, params)[0] is None})
         self.last_step = time.monotonic()  # when a decode step last finished (health checks read it)
 
     def _load(self, hf_dir: str | Path) -> tuple[torch.nn.Module, frozenset[int]]:
@@ -323,6 +326,8 @@ class TransformersGenerator:
         ValueError (the model untouched) for an unknown name, a shape mismatch, a non-float tensor, a
         duplicate or a parameter left out."""
         params = dict(self.model.named_parameters())
+        if "lm_head.weight" not in params and any(n == "model.embed_tokens.weight" for n, _ in named):
+            named = [(n, t) for n, t in named if n != "lm_head.weight"]  # tied: the embedding is the head
         plan = _copy_plan(named, params)
         covered: dict[int, int] = {}  # id(parameter) -> elements the tensors provide for it
         for target, view, _ in plan:

@@ -42,10 +42,16 @@ class WeightUpdateRefused(RolloutError):
 @dataclass(frozen=True)
 class Layout:
     """What a weight directory must hold to replace the served model: tensor name -> shape, and the
-    config facts that must match."""
+    config facts that must match. ``ignored``: names the start directory holds but the model has no
+    parameter for (a buffer such as ``rotary_emb.inv_freq``, extra heads); an update may hold them
+    too, and they are skipped, as transformers skipped them at start."""
 
     shapes: dict[str, tuple[int, ...]]
     config: dict[str, object]
+    ignored: frozenset[str] = frozenset()
+
+    def without(self, ignored: set[str]) -> Layout:
+        return Layout({n: s for n, s in self.shapes.items() if n not in ignored}, self.config, frozenset(ignored))
 
 
 def allowed_roots(dirs: list[str | Path] | tuple[str | Path, ...] | None) -> tuple[Path, ...] | None:
@@ -108,7 +114,7 @@ def read_checkpoint(
     # A server started from a directory without safetensors has no layout to compare names with;
     # then the copy's own coverage check (TransformersGenerator.load_full_state) is the only one.
     expected = served.shapes or {name: shape for name, (shape, _, _) in found.items()}
-    for name in sorted(expected.keys() | found.keys()):
+    for name in sorted((expected.keys() | found.keys()) - served.ignored):
         if name not in found:
             raise WeightUpdateRefused(f"missing tensor {name}: the directory must hold every parameter of the "
                                       "served model")
@@ -123,7 +129,7 @@ def read_checkpoint(
     named: list[tuple[str, torch.Tensor]] = []
     for file in files:
         try:
-            named.extend(load_file(str(file)).items())
+            named.extend((n, t) for n, t in load_file(str(file)).items() if n not in served.ignored)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise WeightUpdateRefused(f"{file.name}: cannot be read ({_one_line(err)})") from None
     return named

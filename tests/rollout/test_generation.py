@@ -180,3 +180,31 @@ def test_reload_of_the_same_architecture_copies_in_place_and_equals_a_fresh_load
         generator.reload(partial)
     assert generator.model is live and generator.model_path == str(tiny_moe_b)
     assert all(torch.equal(live.state_dict()[k], before[k]) for k in before)  # not half-applied
+
+
+def test_tensors_the_model_has_no_parameter_for_are_skipped_at_start_and_in_updates(tiny_moe, tiny_moe_b, tmp_path):
+    # A start directory may hold tensors the model does not load (a saved rotary buffer, extra heads):
+    # transformers skips them, and so does every update, with or without them; any other unknown name,
+    # or a missing parameter, is still refused.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from luspo_megatron.rollout.weight_files import WeightUpdateRefused
+
+    def copy(source, target, extra):
+        target.mkdir()
+        shutil.copyfile(source / "config.json", target / "config.json")
+        tensors = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        save_file({**tensors, **extra}, str(target / "model.safetensors"))
+        return target
+
+    inv_freq = {"model.rotary_emb.inv_freq": torch.arange(4.0)}
+    generator = TransformersGenerator(copy(tiny_moe, tmp_path / "start", inv_freq))
+    assert "model.rotary_emb.inv_freq" in generator.layout.ignored
+    generator.reload(tiny_moe_b)  # without it
+    generator.reload(copy(tiny_moe, tmp_path / "with", inv_freq))  # with it
+    expected = TransformersGenerator(tiny_moe).model.state_dict()
+    assert all(torch.equal(generator.model.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(WeightUpdateRefused, match="unknown tensor model.other.weight"):
+        generator.reload(copy(tiny_moe_b, tmp_path / "other", {"model.other.weight": torch.zeros(2)}))
