@@ -189,9 +189,15 @@ def load_config(
 
 
 def config_to_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(
-        json_ready(config.to_dict()), sort_keys=False, default_flow_style=False
-    )
+    """The resolved config as YAML (what ``--print-config`` prints and ``config.yaml`` keeps), secrets redacted."""
+    return yaml.safe_dump(json_ready(redacted(config.to_dict())), sort_keys=False, default_flow_style=False)
+
+
+def redacted(value: Any) -> Any:
+    """``config.to_dict()`` with every ``*api_key`` value replaced: logs and config files never hold a key."""
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if k.endswith("api_key") and v is not None else redacted(v)) for k, v in value.items()}
+    return value
 
 
 def json_ready(value: Any) -> Any:

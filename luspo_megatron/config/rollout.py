@@ -20,6 +20,9 @@ class RolloutConfig:
     )
     sglang_url: tuple[str, ...] = opt((), "--sglang-url", help="SGLang server URLs (load-balanced).", nargs="+")
     sglang_router: str | None = opt(None, "--sglang-router", help="sglang-router URL (instead of --sglang-url).")
+    sglang_api_key: str | None = opt(
+        None, "--sglang-api-key", help="API key of the SGLang servers / router (sent as Authorization: Bearer)."
+    )
     num_engines: int = opt(1, "--rollout-num-engines", help="Local rollout servers to start.")
     rollout_batch_size: int = opt(8, "--rollout-batch-size", help="Prompts per rollout step (P).")
     max_response_len: int = opt(64, "--rollout-max-response-len", help="max_new_tokens of every response.")
@@ -50,6 +53,9 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         positive(RolloutConfig, self, "num_engines", "rollout_batch_size", "max_response_len", "max_concurrency")
+        if self.sglang_api_key is not None:
+            check(bool(self.sglang_api_key.strip()), RolloutConfig, "sglang_api_key", "a non-empty key",
+                  self.sglang_api_key)
         check(self.startup_timeout_s > 0, RolloutConfig, "startup_timeout_s", "> 0", self.startup_timeout_s)
         check(self.local_device == "cpu" or self.local_device.startswith("cuda"), RolloutConfig, "local_device",
                "cpu or cuda[:N]", self.local_device)

@@ -49,6 +49,7 @@ def start_fleet(config: RolloutConfig, *, hf_dir: str | Path, seed: int = 0, log
         weights_dir=weights_dir, config_dir=hf_dir, bucket_bytes=config.update_weight_buffer_size,
     )
     if config.engine == "sglang":
+        options["api_key"] = config.sglang_api_key
         engine = (SGLangEngine.from_router(config.sglang_router, **options) if config.sglang_router
                   else SGLangEngine(list(config.sglang_url), **options))
         with engine:
@@ -58,9 +59,12 @@ def start_fleet(config: RolloutConfig, *, hf_dir: str | Path, seed: int = 0, log
     from luspo_megatron.rollout.local.supervisor import LocalEngines
 
     # The local servers serve the weights of the policy as it is now (a resumed run exported them).
+    # They take a random API key and read weights only where disk syncs publish them.
     with LocalEngines(hf_dir, config.num_engines, seed=seed, device=config.local_device,
-                      log_dir=log_dir / SERVER_LOGS, startup_timeout_s=config.startup_timeout_s) as local:
-        with SGLangEngine(local.urls, on_weights_published=local.set_weights, **options) as engine:
+                      log_dir=log_dir / SERVER_LOGS, startup_timeout_s=config.startup_timeout_s,
+                      allowed_weight_dirs=[weights_dir]) as local:
+        with SGLangEngine(local.urls, on_weights_published=local.set_weights, api_key=local.api_key,
+                          **options) as engine:
             engine.wait_healthy(config.startup_timeout_s)
             engine.counters["rollout_engine_restarts"] = lambda: local.restarts
             engine.supervisor = local

@@ -40,7 +40,7 @@ from luspo_megatron.rollout import protocol
 from luspo_megatron.rollout.engine import FINISH_ABORT, Sample, SamplingParams, WeightStream
 from luspo_megatron.rollout.updates import WeightUpdater
 from luspo_megatron.rollout.weight_sync import Bucket
-from luspo_megatron.rollout.workers import Retryable, WorkerPool, describe
+from luspo_megatron.rollout.workers import Retryable, WorkerPool, auth_hint, describe
 
 log = logging.getLogger("luspo_megatron.rollout")
 _RETRY_STATUS = (408, 429)
@@ -61,6 +61,8 @@ class SGLangEngine:
     top_k)`` asks for ``return_routed_experts`` and decodes it into ``Sample.routed_experts``.
     ``weight_sync`` (+ ``weights_dir``, ``config_dir`` for disk; ``update_master`` for
     distributed) picks how :meth:`sync_weights` pushes weights (``rollout/updates.py``).
+    ``api_key`` goes out as ``Authorization: Bearer`` on every request (generate, health, info,
+    control, weight sync, the router's worker list), as sglang's ``--api-key`` expects.
     """
 
     def __init__(
@@ -196,8 +198,8 @@ class SGLangEngine:
             if resp.status >= 500 or resp.status in _RETRY_STATUS:
                 raise Retryable(f"HTTP {resp.status}: {(await resp.text())[:200]}")
             if resp.status != 200:
-                raise RolloutError(f"{server.url}/generate rejected prompt {index}: HTTP {resp.status}: "
-                                   f"{(await resp.text())[:300]}")
+                raise RolloutError(f"{server.url}/generate rejected prompt {index}: HTTP {resp.status}"
+                                   f"{auth_hint(resp.status)}: {(await resp.text())[:300]}")
             data = await resp.json(content_type=None)
         outputs = data if isinstance(data, list) else [data]
         if len(outputs) != count:

@@ -117,11 +117,15 @@ class UpdateGroup:
     f"tcp://{addr}:{port}", group_name=…)`` uses (``{group_name}/{device}/``), which is how SGLang
     joins in ``/init_weights_update_group``, so either side may be SGLang. Construction blocks until
     all ``world_size`` ranks have joined.
+
+    ``bind_host`` (gloo only): the address this rank's gloo sockets listen on. Our server passes the
+    host it serves on, so joining a group opens no listener on other interfaces; None keeps gloo's
+    default device (the address the machine's hostname resolves to).
     """
 
     def __init__(
         self, master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-        backend: str = "nccl", timeout_s: float = 600.0,
+        backend: str = "nccl", timeout_s: float = 600.0, bind_host: str | None = None,
     ) -> None:
         timeout = timedelta(seconds=timeout_s)
         # Rank 0's store must live as long as the group: keep a reference.
@@ -131,7 +135,12 @@ class UpdateGroup:
         )
         device = "cpu" if backend == "gloo" else "cuda"
         prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", self.store))
-        if backend == "gloo":
+        if backend == "gloo" and bind_host:
+            options = dist.ProcessGroupGloo._Options()
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
+            options._timeout = timeout
+            self.backend = dist.ProcessGroupGloo(prefixed, rank, world_size, options)
+        elif backend == "gloo":
             self.backend = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
         elif backend == "nccl":
             self.backend = dist.ProcessGroupNCCL(prefixed, rank, world_size)

@@ -137,7 +137,7 @@ class WorkerPool:
         if status in (404, 405):  # sglang < 0.5.9 has only the /get_* form
             status, body = await self.get(url, legacy)
         if status != 200 or not isinstance(body, dict):
-            raise RolloutError(f"{url}{path}: HTTP {status}")
+            raise RolloutError(f"{url}{path}: HTTP {status}{auth_hint(status)}")
         return body
 
     def weight_version(self) -> str:
@@ -172,7 +172,7 @@ class WorkerPool:
                 if status == 200:
                     return
                 if status != 400:  # 400: requests still in flight; anything else is an error
-                    raise RolloutError(f"{url}/flush_cache: HTTP {status}: {str(answer)[:200]}")
+                    raise RolloutError(f"{url}/flush_cache: HTTP {status}{auth_hint(status)}: {str(answer)[:200]}")
                 await asyncio.sleep(self.flush_retry_s)
             raise RolloutError(f"{url}/flush_cache: still busy (HTTP 400) after {self.flush_retries} tries")
         await asyncio.gather(*(one(u) for u in self.worker_urls))
@@ -200,7 +200,12 @@ async def _body(resp: aiohttp.ClientResponse) -> Any:
 def check_control(url: str, path: str, status: int, answer: Any) -> None:
     if status != 200 or (isinstance(answer, dict) and answer.get("success") is False):
         message = answer.get("message") if isinstance(answer, dict) else str(answer)
-        raise RolloutError(f"{url}{path}: HTTP {status}: {str(message)[:300]}")
+        raise RolloutError(f"{url}{path}: HTTP {status}{auth_hint(status)}: {str(message)[:300]}")
+
+
+def auth_hint(status: int) -> str:
+    """What a 401 means: the server wants an API key (``api_key=``, the trainer's --sglang-api-key)."""
+    return " (the server requires an API key: --sglang-api-key)" if status == 401 else ""
 
 
 def check_all(urls: list[str], path: str, results: list) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from luspo_megatron.config import RunConfig, config_to_yaml
+from luspo_megatron.config.loader import redacted
 from luspo_megatron.errors import UserError
 from luspo_megatron.runtime.distributed import any_rank, broadcast_object, init_process_group
 from luspo_megatron.trainer import assets as run_assets
@@ -146,7 +147,7 @@ class Trainer:
         self.collect = RolloutStep(cfg, self.engine, tokenizer, reward, self.prompts, self.assets.stop_token_ids)
         resumed_step = self.step if self.resume_state.resumed else 0
         self.metrics_log = MetricsLogger(self.log_dir, resume_step=resumed_step,
-                                         wandb_project=cfg.logging.wandb_project, run_config=cfg.to_dict())
+                                         wandb_project=cfg.logging.wandb_project, run_config=redacted(cfg.to_dict()))
         self._stack.callback(self.metrics_log.close)
         self.samples_log = SampleLogger(self.log_dir, cfg.logging.sample_interval, cfg.logging.samples_per_step)
         self.progress = Progress(cfg.train_iters, start=self.step, enabled=cfg.logging.progress,

@@ -84,25 +84,36 @@ def pytest_configure(config) -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+# The shared server's body limit: small, so that the fuzz test's oversized body stays cheap to send.
+SERVER_MAX_BODY_BYTES = 1 << 20
+
+
 @pytest.fixture(scope="session")
 def server(tiny_moe, tmp_path_factory):
     """Our SGLang-API server in a real subprocess, shared by the modules that leave its weights
-    alone (start-up is the slow part). Tests that change its fault settings restore them."""
+    alone (start-up is the slow part). Started with --enable-fault-injection (tests only); tests
+    that change its fault settings restore them."""
     from luspo_megatron.rollout.local.process import LocalServer
 
     log = tmp_path_factory.mktemp("server_log") / "server.log"
-    with LocalServer(tiny_moe, log_path=log, max_running_requests=64) as running:
+    with LocalServer(tiny_moe, log_path=log, max_running_requests=64, enable_fault_injection=True,
+                     extra_args=("--max-body-bytes", str(SERVER_MAX_BODY_BYTES))) as running:
         yield running
 
 
-def http(method: str, url: str, body=None, timeout: float = 30.0):
-    """(status, parsed JSON or text) with the standard library: independent of the client under test."""
+def http(method: str, url: str, body=None, timeout: float = 30.0, *, raw: bytes | None = None,
+         api_key: str | None = None, headers: dict[str, str] | None = None):
+    """(status, parsed JSON or text) with the standard library: independent of the client under test.
+    ``raw`` sends those bytes as the body instead of ``body`` as JSON."""
     import json
     import urllib.error
     import urllib.request
 
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             status, raw, ctype = resp.status, resp.read().decode(), resp.headers.get("Content-Type", "")

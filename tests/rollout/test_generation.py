@@ -114,7 +114,7 @@ def test_loading_per_expert_checkpoint_names_reproduces_the_other_model(tiny_moe
 def test_loading_a_tensor_of_the_wrong_shape_is_refused(generator):
     with pytest.raises(ValueError, match="shape"):
         generator.load_named_tensors([("model.norm.weight", torch.zeros(3))])
-    with pytest.raises(KeyError, match="no such parameter"):
+    with pytest.raises(ValueError, match="unknown tensor model.nothing.weight"):
         generator.load_named_tensors([("model.nothing.weight", torch.zeros(3))])
 
 
@@ -154,11 +154,12 @@ def test_a_nucleus_wider_than_the_candidates_falls_back_to_a_full_sort():
 def test_reload_of_the_same_architecture_copies_in_place_and_equals_a_fresh_load(tiny_moe, tiny_moe_b, tmp_path):
     """The weight-sync path: same config.json, every parameter covered -> tensors copied into the
     live model (no rebuild), bit-equal to loading the directory from scratch. A directory that
-    misses one tensor must not be half-applied: it goes to a from-scratch load instead, which
-    transformers refuses (it cannot fuse an incomplete expert set), and the live model stays as it was."""
+    misses one tensor is refused, naming it, and the live model stays as it was."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from luspo_megatron.rollout.local.weight_files import WeightUpdateRefused
 
     generator = TransformersGenerator(tiny_moe)
     live = generator.model
@@ -175,7 +176,35 @@ def test_reload_of_the_same_architecture_copies_in_place_and_equals_a_fresh_load
     dropped = next(k for k in tensors if ".experts.1.up_proj" in k)
     save_file({k: v for k, v in tensors.items() if k != dropped}, str(partial / "model.safetensors"))
     before = {k: v.clone() for k, v in live.state_dict().items()}
-    with pytest.raises(RuntimeError, match="conversion of the weights"):
+    with pytest.raises(WeightUpdateRefused, match=f"missing tensor {dropped}"):
         generator.reload(partial)
     assert generator.model is live and generator.model_path == str(tiny_moe_b)
     assert all(torch.equal(live.state_dict()[k], before[k]) for k in before)  # not half-applied
+
+
+def test_tensors_the_model_has_no_parameter_for_are_skipped_at_start_and_in_updates(tiny_moe, tiny_moe_b, tmp_path):
+    # A start directory may hold tensors the model does not load (a saved rotary buffer, extra heads):
+    # transformers skips them, and so does every update, with or without them; any other unknown name,
+    # or a missing parameter, is still refused.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from luspo_megatron.rollout.local.weight_files import WeightUpdateRefused
+
+    def copy(source, target, extra):
+        target.mkdir()
+        shutil.copyfile(source / "config.json", target / "config.json")
+        tensors = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        save_file({**tensors, **extra}, str(target / "model.safetensors"))
+        return target
+
+    inv_freq = {"model.rotary_emb.inv_freq": torch.arange(4.0)}
+    generator = TransformersGenerator(copy(tiny_moe, tmp_path / "start", inv_freq))
+    assert "model.rotary_emb.inv_freq" in generator.layout.ignored
+    generator.reload(tiny_moe_b)  # without it
+    generator.reload(copy(tiny_moe, tmp_path / "with", inv_freq))  # with it
+    expected = TransformersGenerator(tiny_moe).model.state_dict()
+    assert all(torch.equal(generator.model.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(WeightUpdateRefused, match="unknown tensor model.other.weight"):
+        generator.reload(copy(tiny_moe_b, tmp_path / "other", {"model.other.weight": torch.zeros(2)}))

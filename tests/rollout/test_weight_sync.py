@@ -51,7 +51,8 @@ def outputs(engine) -> list[int]:
 
 def reported_version(engine, server) -> tuple[str, str]:
     sample = engine.generate([PROMPT], GREEDY, n=1)[0][0]
-    return http("GET", f"{server.url}/model_info")[1]["weight_version"], sample.weight_version
+    status, info = http("GET", f"{server.url}/model_info", api_key=engine.supervisor.api_key)
+    return info["weight_version"], sample.weight_version
 
 
 def test_update_from_disk_changes_outputs_and_weight_version(engine, server, tiny_moe, tiny_moe_b, tmp_path):
@@ -59,7 +60,8 @@ def test_update_from_disk_changes_outputs_and_weight_version(engine, server, tin
     assert greedy(tiny_moe, PROMPT, 10) != greedy(tiny_moe_b, PROMPT, 10)
     # The trainer's path: a stream of HF tensors -> byte buckets -> an atomically written directory.
     buckets = bucket_by_bytes(hf_named_tensors(tiny_moe_b), max_bytes=64 * 1024)
-    path = write_hf_checkpoint(buckets, tmp_path / "step_7", config_dir=tiny_moe_b)
+    # Inside the directory the fleet's servers may read (--allowed-weight-dirs): where syncs publish.
+    path = write_hf_checkpoint(buckets, engine.updater.weights_dir / "step_7", config_dir=tiny_moe_b)
     assert len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]) == len(
         hf_named_tensors(tiny_moe_b))
     engine.update_weights_from_disk(path, weight_version="7")
@@ -90,7 +92,7 @@ def test_a_bad_disk_update_is_reported_and_generation_resumes(engine, server, tm
     from luspo_megatron.errors import RolloutError
 
     with pytest.raises(RolloutError, match=r"update_weights_from_disk: HTTP 400: Failed to get weights iterator"):
-        engine.update_weights_from_disk(tmp_path / "missing", weight_version="10")
+        engine.update_weights_from_disk(engine.updater.weights_dir / "missing", weight_version="10")
     assert engine.weight_version() == "9"
     assert len(outputs(engine)) == 10  # not left paused
 

@@ -51,14 +51,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(log_dir: Path, *flags: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+def train(log_dir: Path, *flags: str, nproc: int = 1, timeout: int = 600,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     args = [*TINY, "--log-dir", str(log_dir), *flags]
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "tools" / "train_luspo.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={_free_port()}", str(ROOT / "tools" / "train_luspo.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -169,6 +171,10 @@ def test_routing_replay_run_gets_the_servers_routing_and_stays_on_policy(luspo_r
     assert metrics[0]["response_len_mean"] == first["response_len_mean"]
 
 
+# The trainer's local servers accept faults only when told to (tests), and want the run's API key.
+FAULTY_SERVERS = {"LUSPO_ROLLOUT_ENABLE_FAULT_INJECTION": "1", "LUSPO_ROLLOUT_API_KEY": "test-key-not-secret"}
+
+
 def _kill_server_mid_rollout(log_dir: Path, stop: threading.Event) -> None:
     """Once the local server is up, make it exit on its 3rd next /generate (mid-rollout)."""
     log = log_dir / "rollout_servers" / "server_0.log"
@@ -177,8 +183,9 @@ def _kill_server_mid_rollout(log_dir: Path, stop: threading.Event) -> None:
         match = re.search(r"ready (http://\S+)", text)
         if match:
             body = json.dumps({"exit_after": 3}).encode()
-            req = urllib.request.Request(f"{match[1]}/luspo/faults", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(f"{match[1]}/luspo/faults", data=body, method="POST", headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {FAULTY_SERVERS['LUSPO_ROLLOUT_API_KEY']}"})
             urllib.request.urlopen(req, timeout=10).read()
             return
         time.sleep(0.2)
@@ -190,7 +197,7 @@ def test_gspo_run_survives_its_rollout_server_dying_mid_rollout(tmp_path):
     killer = threading.Thread(target=_kill_server_mid_rollout, args=(tmp_path, stop), daemon=True)
     killer.start()
     try:
-        train(tmp_path, "--train-iters", "3", "--loss", "gspo")
+        train(tmp_path, "--train-iters", "3", "--loss", "gspo", env=FAULTY_SERVERS)
     finally:
         stop.set()
     metrics = check_on_policy_losses(tmp_path, "gspo")

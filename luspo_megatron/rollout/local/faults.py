@@ -1,9 +1,13 @@
 """Fault injection for our SGLang-API server, so tests can make it fail the ways real servers do.
 
+Test-only: the server honours none of this unless it was started with ``--enable-fault-injection``.
+Without that flag the ``/luspo/faults`` routes do not exist (404) and the ``--fault-*`` flags are
+refused, so nobody who can reach a production server can make it fail or exit.
+
 Counts are over ``/generate`` requests in arrival order, 1-based: with ``error_500_every=3`` the
-3rd, 6th, 9th … requests get HTTP 500. Set at start-up (``tools/serve_local.py --fault-*``) or at
-run time with ``POST /luspo/faults`` (a test-only route; the body is this dataclass as JSON, and
-the counters restart).
+3rd, 6th, 9th … requests get HTTP 500. Set at start-up (``tools/serve_local.py
+--enable-fault-injection --fault-*``) or at run time with ``POST /luspo/faults`` (the body is this
+dataclass as JSON, and the counters restart).
 """
 
 from __future__ import annotations
@@ -21,11 +25,17 @@ class FaultConfig:
     abort_every: int = 0  # every m-th /generate returns HTTP 200 with finish_reason abort
     slow_s: float = 0.0  # every /generate waits this long before it is queued
     exit_after: int = 0  # the server process dies (exit status 3) on the k-th /generate: a crash mid-rollout
+    stall_s: float = 0.0  # every batch blocks the model thread this long before generating: a wedged engine
+    poison_rid: str = ""  # a batch holding a row of this request raises inside generation (isolation tests)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
-                raise ValueError(f"{f.name}: expected ≥ 0, got {getattr(self, f.name)!r}")
+            value = getattr(self, f.name)
+            if f.type == "str":
+                if not isinstance(value, str):
+                    raise ValueError(f"{f.name}: expected a string, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{f.name}: expected a finite number ≥ 0, got {value!r}")
 
     @classmethod
     def from_json(cls, body: Any) -> FaultConfig:

@@ -11,6 +11,11 @@ Log-probs (docs/design.md §4 and :mod:`luspo_megatron.rollout.engine`): the sam
 logits of the last position and records ``log_softmax(logits / T)[y]`` before any truncation, which
 is what a transformers forward pass of the same model assigns to the same tokens (tested to 1e-5).
 
+Greedy rows: a temperature below ``GREEDY_BELOW`` = 1e-6 (sglang's ``_SAMPLING_EPS``, under which
+sglang sets T = 1 and top_k = 1) is greedy. The token is ``argmax(logits)`` and its log-prob is
+``log_softmax(logits)[y]``, the T = 1 value, finite. Dividing by such a temperature instead would
+overflow float32 (T = 1e-38 gave NaN log-probs).
+
 Reproducibility: row r draws its uniforms from its own ``torch.Generator`` seeded from the request,
 one per decode step, so a seeded request samples the same tokens whatever else shares its batch
 (up to float round-off of the batched logits, which is far below sampling resolution).
@@ -18,8 +23,8 @@ one per decode step, so a seeded request samples the same tokens whatever else s
 
 from __future__ import annotations
 
-import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +40,10 @@ from transformers import (
 )
 
 from luspo_megatron.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
+from luspo_megatron.rollout.local import weight_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GREEDY_BELOW = 1e-6  # a temperature below this is greedy, with T = 1 log-probs (sglang's _SAMPLING_EPS)
 
 
 @dataclass
@@ -54,6 +61,8 @@ class GenRow:
     # Set from another thread (abort_request); read by the stopper between decode steps.
     aborted: threading.Event = field(default_factory=threading.Event)
     abort_message: str = "Abort in running batch"
+    finished: bool = False  # set by the stopper once the row's finish is decided (the row stops counting as running)
+    rid: str = ""  # the request it belongs to (server bookkeeping only)
 
 
 @dataclass
@@ -104,9 +113,10 @@ class _RowSampler(LogitsProcessor):
     """
 
     def __init__(self, rows: list[GenRow], device: torch.device) -> None:
-        self.temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=device)
-        self.greedy = self.temperature == 0
+        self.temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float64, device=device)
+        self.greedy = self.temperature < GREEDY_BELOW  # 0 and anything that would overflow logits / T
         self.temperature[self.greedy] = 1.0  # greedy rows report log_softmax(logits), T = 1
+        self.temperature = self.temperature.float()
         self.top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=device)
         self.top_k = torch.tensor([max(r.top_k, 0) for r in rows], dtype=torch.long, device=device)
         truncated = ((self.top_p < 1) | (self.top_k > 0)) & ~self.greedy
@@ -164,9 +174,10 @@ class _RowSampler(LogitsProcessor):
 class _RowStopper(StoppingCriteria):
     """Per-row stop: a stop id (finish "stop"), the row's own length ("length"), or an abort."""
 
-    def __init__(self, rows: list[GenRow]) -> None:
+    def __init__(self, rows: list[GenRow], on_step=None) -> None:
         self.rows = rows
         self.steps = 0
+        self.on_step = on_step  # called after every decode step: the server's sign of progress
         self.finish: list[tuple[str, int, int | None] | None] = [None] * len(rows)  # (reason, n_tokens, matched)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
@@ -181,6 +192,9 @@ class _RowStopper(StoppingCriteria):
                 self.finish[i] = (FINISH_STOP, self.steps, last[i])
             elif self.steps >= row.max_new_tokens:
                 self.finish[i] = (FINISH_LENGTH, self.steps, None)
+            row.finished = self.finish[i] is not None
+        if self.on_step is not None:
+            self.on_step()
         return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
 
 
@@ -234,6 +248,12 @@ class TransformersGenerator:
         config = self.model.config
         self.pad_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
         self.vocab_size = int(config.vocab_size)
+        # Tensor names and shapes of the directory we started from: what every later update must hold
+        # (names the model has no parameter for are skipped, now and in every update).
+        layout = weight_files.read_layout(hf_dir)
+        params = dict(self.model.named_parameters())
+        self.layout = layout.without({n for n in layout.shapes if _fused_target(n, params)[0] is None})
+        self.last_step = time.monotonic()  # when a decode step last finished (health checks read it)
 
     def _load(self, hf_dir: str | Path) -> tuple[torch.nn.Module, frozenset[int]]:
         """The model, and the ids that end a response unless ``ignore_eos`` (SGLang stops on them too)."""
@@ -248,21 +268,16 @@ class TransformersGenerator:
         config = self.model.config
         return {"model_type": config.model_type, "architectures": list(config.architectures or [])}
 
-    def reload(self, hf_dir: str | Path) -> None:
-        """Replace the weights with those of another HF directory of the same architecture.
+    def reload(self, hf_dir: str | Path, allowed: tuple[Path, ...] | None = None) -> None:
+        """Replace the weights with those of another HF directory of the served model, all or nothing.
 
-        When ``config.json`` is unchanged (every training step's weight sync) the tensors are copied
-        into the live model, as SGLang's ``update_weights_from_disk`` does: ≈ 10× cheaper than
-        rebuilding it with ``from_pretrained`` (docs/benchmarks.md §5). Only a directory that
-        covers every parameter exactly takes that path; anything else is loaded from scratch."""
-        if _read_json(Path(hf_dir) / "config.json") == _read_json(Path(self.model_path) / "config.json") and \
-                self._load_in_place(hf_dir):
-            self.model_path = str(hf_dir)
-            return
-        new, eos_ids = self._load(hf_dir)
-        if type(new) is not type(self.model):
-            raise ValueError(f"architecture changed: {type(self.model).__name__} -> {type(new).__name__}")
-        self.model, self.eos_ids, self.model_path = new, eos_ids, str(hf_dir)
+        The tensors are copied into the live model, as SGLang's ``update_weights_from_disk`` does
+        (≈ 10× cheaper than ``from_pretrained``, docs/benchmarks.md §5). The directory must hold every
+        parameter with the served names, shapes and vocabulary (:mod:`.weight_files`); otherwise
+        :class:`~.weight_files.WeightUpdateRefused` names the first problem and nothing changes."""
+        named = weight_files.read_checkpoint(str(hf_dir), self.layout, allowed)
+        self.load_full_state(named)
+        self.model_path = str(hf_dir)
 
     @torch.no_grad()
     def generate(self, rows: list[GenRow]) -> list[GenResult]:
@@ -272,7 +287,7 @@ class TransformersGenerator:
         input_ids = torch.tensor([[self.pad_id] * p + r.prompt_ids for p, r in zip(pad, rows)], device=self.device)
         attention_mask = torch.tensor([[0] * p + [1] * len(r.prompt_ids) for p, r in zip(pad, rows)],
                                       device=self.device)
-        sampler, stopper = _RowSampler(rows, self.device), _RowStopper(rows)
+        sampler, stopper = _RowSampler(rows, self.device), _RowStopper(rows, on_step=self._heartbeat)
         recorder = _RoutingRecorder(self.model) if any(r.want_routing for r in rows) else None
         config = GenerationConfig(
             do_sample=False, num_beams=1, max_new_tokens=max(r.max_new_tokens for r in rows),
@@ -296,30 +311,23 @@ class TransformersGenerator:
                     result.routed_experts = experts
         return results
 
+    def _heartbeat(self) -> None:
+        self.last_step = time.monotonic()
+
     def _run(self, input_ids, attention_mask, config, sampler, stopper) -> None:
         self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
             logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([stopper]),
         )
 
-    def _load_in_place(self, hf_dir: str | Path) -> bool:
-        """Copy every tensor of ``hf_dir``'s safetensors into the live model, if together they cover
-        each parameter exactly once; False (the model untouched) otherwise."""
-        from safetensors.torch import load_file
-
-        named = [item for f in sorted(Path(hf_dir).glob("*.safetensors")) for item in load_file(str(f)).items()]
-        try:
-            self.load_full_state(named)
-        except (KeyError, ValueError):
-            return False
-        return True
-
     @torch.no_grad()
     def load_full_state(self, named: list[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors that together cover every parameter exactly once into the live model;
-        KeyError / ValueError (the model untouched) for an unknown name, a shape mismatch, a duplicate
-        or a parameter left out."""
+        ValueError (the model untouched) for an unknown name, a shape mismatch, a non-float tensor, a
+        duplicate or a parameter left out."""
         params = dict(self.model.named_parameters())
+        if "lm_head.weight" not in params and any(n == "model.embed_tokens.weight" for n, _ in named):
+            named = [(n, t) for n, t in named if n != "lm_head.weight"]  # tied: the embedding is the head
         plan = _copy_plan(named, params)
         covered: dict[int, int] = {}  # id(parameter) -> elements the tensors provide for it
         for target, view, _ in plan:
@@ -327,9 +335,6 @@ class TransformersGenerator:
         # Distinct names map to disjoint views (whole tensors, or one expert's gate / up / down
         # block), so equal element counts mean every element of every parameter is written once.
         unique = {id(p): (n, p) for n, p in params.items()}  # tied parameters appear once
-        names = [n for n, _ in named]
-        if len(set(names)) != len(names):
-            raise ValueError("a tensor name appears twice")
         missing = [n for k, (n, p) in unique.items() if covered.get(k, 0) != p.numel()]
         if missing:
             raise ValueError(f"{len(missing)} parameter(s) not covered exactly, e.g. {missing[0]}")
@@ -345,25 +350,49 @@ class TransformersGenerator:
         (``gate_up_proj`` [E, 2·I, H] with gate first, ``down_proj`` [E, H, I]; offline_deps.md §2.2).
         transformers converts only when it loads whole files, so partial updates are mapped here.
         """
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
-        plan = _copy_plan(named, params)
+        plan = _copy_plan(named, self._targets())
         for _, view, tensor in plan:
             view.copy_(tensor.to(view.device, view.dtype))
         return len(plan)
 
+    def check_named_shapes(self, names: list[str], shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> None:
+        """ValueError, naming the tensor, unless :meth:`load_named_tensors` would accept tensors of these
+        names, shapes and dtypes (checked before any are received: /update_weights_from_distributed)."""
+        _copy_plan([(n, torch.empty(s, dtype=d, device="meta")) for n, s, d in zip(names, shapes, dtypes)],
+                   self._targets())
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """The live tensor an HF checkpoint name refers to (one expert's block of a fused parameter,
+        the embedding for a tied ``lm_head.weight``); ValueError naming it when the model has none."""
+        target, index = _fused_target(name, dict(self.model.named_parameters()))
+        if target is None:
+            raise ValueError(f"name: unknown parameter {name!r} (expected a Hugging Face checkpoint name of the "
+                             "served model)")
+        return target if index is None else target[index]
+
+    def _targets(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        return params
+
 
 def _copy_plan(named: list[tuple[str, torch.Tensor]], params: dict[str, torch.Tensor]):
     """(parameter, the view of it a checkpoint tensor fills, that tensor) for each named tensor;
-    KeyError for an unknown name, ValueError for a shape mismatch, before anything is copied."""
-    plan = []
+    ValueError naming the tensor for an unknown or repeated name, a shape mismatch or a tensor that
+    is not floating point, before anything is copied."""
+    plan, seen = [], set()
     for name, tensor in named:
         target, index = _fused_target(name, params)
         if target is None:
-            raise KeyError(f"{name}: no such parameter")
+            raise ValueError(f"unknown tensor {name}: not a parameter of the served model")
+        if name in seen:
+            raise ValueError(f"tensor {name} appears twice")
+        seen.add(name)
         view = target if index is None else target[index]
         if tuple(view.shape) != tuple(tensor.shape):
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(view.shape)}")
+            raise ValueError(f"{name}: shape {list(tensor.shape)} differs from the served model's {list(view.shape)}")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{name}: dtype {str(tensor.dtype).removeprefix('torch.')} is not floating point")
         plan.append((target, view, tensor))
     return plan
 
@@ -375,20 +404,16 @@ def _fused_target(name: str, params: dict[str, torch.Tensor]):
         return params["model.embed_tokens.weight"], None  # tied embeddings
     parts = name.split(".")
     # model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight
-    if len(parts) >= 4 and parts[-4] == "experts" and parts[-3].isdigit() and parts[-1] == "weight":
+    if len(parts) >= 4 and parts[-4] == "experts" and parts[-3].isdigit() and len(parts[-3]) < 10 \
+            and parts[-1] == "weight":
         base, expert, proj = ".".join(parts[:-3]), int(parts[-3]), parts[-2]
-        if proj in ("gate_proj", "up_proj") and f"{base}.gate_up_proj" in params:
-            fused = params[f"{base}.gate_up_proj"]  # [E, 2I, H]
+        fused = params.get(f"{base}.gate_up_proj" if proj != "down_proj" else f"{base}.down_proj")
+        if fused is None or expert >= fused.shape[0]:
+            return None, None
+        if proj in ("gate_proj", "up_proj"):  # gate_up_proj [E, 2I, H], gate first
             half = fused.shape[1] // 2
             rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
             return fused, (expert, rows)
-        if proj == "down_proj" and f"{base}.down_proj" in params:
-            return params[f"{base}.down_proj"], expert
+        if proj == "down_proj":  # down_proj [E, H, I]
+            return fused, expert
     return None, None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -105,8 +105,9 @@ class InProcessEngine:
         self.update_weights_from_disk(path, weight_version)
 
     def update_weights_from_disk(self, source: str | Path, weight_version: str) -> None:
-        """Load an HF model directory (``--weight-sync disk``): copied in place when the architecture
-        is unchanged, as our server's ``/update_weights_from_disk``."""
+        """Load an HF model directory (``--weight-sync disk``), copied in place and all or nothing, as
+        our server's ``/update_weights_from_disk``: a directory that is not a complete checkpoint of
+        the served model is refused (``WeightUpdateRefused``, a RolloutError) and nothing changes."""
         if not Path(source, "config.json").is_file():
             raise RolloutError(f"update_weights: expected an HF model directory with config.json, got {str(source)!r}")
         self.generator.reload(source)

@@ -5,6 +5,11 @@ subprocesses. A watchdog thread polls them; when one exits, it is relaunched on 
 the weights the trainer last synced, and the weight version to match. Requests that were in flight
 fail with a connection error, which the SGLang client retries with backoff, so a step's finished
 samples are kept and its lost ones regenerated (docs/design.md §4, step 2: never drop a sample).
+
+The servers are guarded as any shared service (docs/reliability_server.md): they require
+:attr:`LocalEngines.api_key` (random per run unless ``$LUSPO_ROLLOUT_API_KEY`` is set; give it to
+the client: ``SGLangEngine(engines.urls, api_key=engines.api_key)``), and, when the trainer passes
+``allowed_weight_dirs`` (the directories it writes weights to), read weights from nowhere else.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import threading
 from pathlib import Path
 
-from luspo_megatron.rollout.local.process import LocalServer, start_local_servers
+from luspo_megatron.rollout.local.process import LocalServer, local_api_key, start_local_servers
 
 logger = logging.getLogger("luspo_megatron.rollout")
 
@@ -24,8 +29,11 @@ class LocalEngines:
 
     def __init__(self, hf_dir: str | Path, count: int, *, seed: int = 0, device: str = "cpu",
                  log_dir: str | Path | None = None, startup_timeout_s: float = 120.0, poll_s: float = 0.25,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, api_key: str | None = None,
+                 allowed_weight_dirs: list[str | Path] | None = None) -> None:
         self.count, self.seed, self.device, self.poll_s = count, seed, device, poll_s
+        self.api_key = api_key or local_api_key()  # the servers require it; the client must send it
+        self.allowed_weight_dirs = allowed_weight_dirs
         self.startup_timeout_s = startup_timeout_s
         self.log_dir = Path(log_dir) if log_dir is not None else None
         # The trainer waits while the servers generate, so they may use the machine's cores, unless
@@ -61,6 +69,7 @@ class LocalEngines:
         self.servers = start_local_servers(
             hf_dir, self.count, seed=self.seed, device=self.device, weight_version=version,
             threads=self.threads, log_path=self._log_path(0) if self.count == 1 else None,
+            api_key=self.api_key, allowed_weight_dirs=self.allowed_weight_dirs,
         )
         self._thread = threading.Thread(target=self._watch, name="rollout-watchdog", daemon=True)
         self._thread.start()
@@ -88,7 +97,8 @@ class LocalEngines:
             with self._lock:
                 hf_dir, version = self._weights
             replacement = LocalServer(hf_dir, port=dead.port, seed=dead.seed, device=self.device,
-                                      weight_version=version, threads=self.threads, log_path=self._log_path(index))
+                                      weight_version=version, threads=self.threads, log_path=self._log_path(index),
+                                      api_key=self.api_key, allowed_weight_dirs=self.allowed_weight_dirs)
             try:
                 replacement.start(timeout_s=self.startup_timeout_s)
             except Exception as err:  # a port still in TIME_WAIT, a slow start: try again
