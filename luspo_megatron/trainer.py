@@ -278,10 +278,13 @@ class Trainer:
         if cfg.load:
             resumed = load_checkpoint(cfg.load, self.policy.model, self.policy.optimizer, self.policy.scheduler,
                                       step=cfg.ckpt_step, load_optimizer=not cfg.no_load_optim,
-                                      load_rng=not cfg.no_load_rng)
+                                      load_rng=not cfg.no_load_rng,
+                                      # issue 19: checksums checked (damaged newest -> older one), a
+                                      # missing --load is an error unless --load-if-exists
+                                      verify=cfg.verify_checkpoint, missing_ok=cfg.load_if_exists)
         if resumed is None:
             if cfg.pretrained_checkpoint:
-                load_model_weights(cfg.pretrained_checkpoint, self.policy.model)
+                load_model_weights(cfg.pretrained_checkpoint, self.policy.model, verify=cfg.verify_checkpoint)
                 self.policy.optimizer.reload_model_params()  # the optimizer's fp32 main params follow
                 self._weights_differ_from_assets = True
             return False
