@@ -30,6 +30,6 @@ exec .venv/bin/torchrun --nnodes 4 --nproc-per-node 8 --node-rank "$NODE_RANK" \
     tools/train_luspo.py --config examples/qwen3_30b_a3b_luspo.yaml \
     --tp 4 --ep 8 \
     --hf-checkpoint /models/Qwen3-30B-A3B \
-    --load /ckpt/qwen3-30b-a3b-luspo --save /ckpt/qwen3-30b-a3b-luspo \
+    --load /ckpt/qwen3-30b-a3b-luspo --load-if-exists --save /ckpt/qwen3-30b-a3b-luspo \
     --rollout-engine sglang --sglang-router "$ROUTER" \
     "$@"

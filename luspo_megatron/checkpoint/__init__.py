@@ -14,7 +14,9 @@ Trainer API (collective: every rank calls it)::
 
 Modules: ``schema`` (where megatron stores each
 parameter), ``convert`` (the tools' work), ``training`` (save/load), ``atomic`` (the directory
-protocol), ``dist_save`` (the streaming torch_dist writer), ``safetensors_io``.
+protocol), ``integrity`` (checksums.json: sha256 of every file, recorded at save, verified at
+load), ``resume`` (which checkpoint a load uses: fallback past damaged ones, model fit),
+``dist_save`` (the streaming torch_dist writer), ``safetensors_io``.
 """
 
 from luspo_megatron.checkpoint.atomic import ResumePoint, find_resume_point

@@ -5,6 +5,7 @@ Training checkpoints (``save_dir``)::
     iter_0000003/         complete: renamed from iter_0000003.tmp after every rank finished
     iter_0000006.tmp/     a save that never finished (crash, SIGKILL): skipped and reported
     latest                the newest committed step, replaced atomically ("6\\n")
+    verified              the last checkpoint a load verified (``integrity``): pruning keeps it
 
 A directory without the ``.tmp`` suffix is complete by construction: the rename is the commit, and
 POSIX ``rename`` of a directory is atomic. ``latest`` is written to a temporary file and
@@ -68,11 +69,18 @@ def incomplete_dirs(root: Path) -> list[Path]:
 
 
 def read_latest(root: Path) -> int | None:
+    """The step ``latest`` names; None when there is no ``latest``. Its content is only ever a
+    step number (written whole and renamed into place), so anything else is damage: an error
+    rather than a guess at which checkpoint was meant."""
     file = root / LATEST
     if not file.is_file():
         return None
-    text = file.read_text().strip()
-    return int(text) if text.isdigit() else None
+    with open(file, "rb") as handle:
+        text = handle.read(65).strip()
+    if not (text.isdigit() and len(text) <= 20):  # bytes.isdigit: ASCII digits only; ≤ 20: any int64
+        raise CheckpointError(f"--load: {file} is damaged: expected a step number, got {text[:20]!r}; "
+                              f"delete it to load the newest checkpoint that verifies, or pass --ckpt-step N")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -117,13 +125,14 @@ def find_resume_point(root: str | Path, step: int | None = None) -> ResumePoint 
     return ResumePoint(chosen, root / iter_name(chosen), skipped, tuple(notes))
 
 
-def prune(root: Path, keep_last: int, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never step ``keep``), and the
-    incomplete saves of steps up to ``keep`` (abandoned by a crash). Returns what was deleted."""
+def prune(root: Path, keep_last: int, keep: int, protect: int | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never step ``keep``, the one
+    just saved, nor ``protect``, the last one a load verified), and the incomplete saves of steps
+    up to ``keep`` (abandoned by a crash). Returns what was deleted."""
     removed = []
     complete = complete_steps(root)
     for step in complete[: max(len(complete) - keep_last, 0)]:
-        if step != keep:
+        if step not in (keep, protect):
             removed.append(root / iter_name(step))
     for path in incomplete_dirs(root):
         if int(_ITER_TMP.match(path.name).group(1)) <= keep:

@@ -17,7 +17,7 @@ one file per rank, written in the plan's order, each item resolved right before 
 written and released right after (torch's own ``FileSystemWriter`` keeps every tensor of a file
 referenced until the file is closed, i.e. the whole rank's share); and with ``resolve`` given, an
 item's data comes from ``resolve(key, global_offset)`` instead of the (then meta) tensor in the
-state dict.
+state dict. Each rank's writer also hashes its file as it writes it (``hashed``; ``integrity``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.futures import Future
+
+from luspo_megatron.checkpoint.integrity import HashingWriter
 
 # (checkpoint key, global offset of the chunk including prepended axes) -> the chunk's data
 Resolver = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -57,12 +59,18 @@ class _OnDemandPlanner(MCoreSavePlanner):
 
 
 class _OneItemAtATimeWriter(FileSystemWriter):
-    """torch's FileSystemWriter, writing one file per rank with one item in memory at a time."""
+    """torch's FileSystemWriter, writing one file per rank with one item in memory at a time, and
+    hashing the bytes as they are written (``integrity``: no second pass over the file)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hashed: dict[str, dict] = {}  # file name -> {"size", "sha256"} of what this rank wrote
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         file_name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
         results = []
-        with self.fs.create_stream(self.fs.concat_path(self.path, file_name), "wb") as stream:
+        with self.fs.create_stream(self.fs.concat_path(self.path, file_name), "wb") as raw:
+            stream = HashingWriter(raw)
             for item in plan.items:
                 data = planner.resolve_data(item)
                 if item.type != WriteItemType.BYTE_IO:
@@ -76,6 +84,7 @@ class _OneItemAtATimeWriter(FileSystemWriter):
             stream.flush()
             if self.sync_files:
                 os.fsync(stream.fileno())
+            self.hashed[file_name] = stream.record()
         future: Future = Future()
         future.set_result(results)
         return future
@@ -90,6 +99,7 @@ class SyncTorchDistSaveStrategy(SaveShardedStrategy):
     def __init__(self, resolve: Resolver | None = None) -> None:
         super().__init__("torch_dist", 1)
         self.resolve = resolve
+        self.hashed: dict[str, dict] = {}  # after save: this rank's files -> {"size", "sha256"}
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -106,3 +116,4 @@ class SyncTorchDistSaveStrategy(SaveShardedStrategy):
         writer = _OneItemAtATimeWriter(str(checkpoint_dir), sync_files=True)
         dcp.save(mcore_to_pyt_state_dict(by_key, is_loading=False), storage_writer=writer,
                  planner=_OnDemandPlanner(self.resolve))
+        self.hashed = dict(writer.hashed)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from luspo_megatron.checkpoint import atomic
+from luspo_megatron.checkpoint import atomic, integrity, resume
 from luspo_megatron.checkpoint.convert import (
     HF_ASSETS,
     MANIFEST,
@@ -101,8 +101,12 @@ def _embedded_hf_config(directory: Path) -> dict[str, Any] | None:
     common = directory / "common.pt"
     if not common.is_file():
         return None
-    state = torch.load(common, map_location="cpu", weights_only=False)
-    return (state.get("luspo") or {}).get("hf_config")
+    try:
+        state = torch.load(common, map_location="cpu", weights_only=False)
+    except Exception as err:  # damaged bytes raise whatever the unpickler meets
+        raise CheckpointError(f"--load: {common}: unreadable ({resume.error_text(err)})") from None
+    meta = state.get("luspo") if isinstance(state, dict) else None
+    return meta.get("hf_config") if isinstance(meta, dict) else None
 
 
 def official_config(config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
@@ -150,9 +154,16 @@ def convert_megatron_to_hf(
     arch = plan.arch
     schema = checkpoint_schema(arch)
     plans = plans_by_megatron_name(arch)
+    # A training checkpoint's files against its checksums.json (each rank hashes a slice); without
+    # one, a damaged file is reported by the reads below as a one-line CheckpointError.
+    verdict = integrity.verify(plan.checkpoint_dir)
+    if verdict.status == "failed":
+        raise CheckpointError(f"--load: {plan.checkpoint_dir} is damaged: {verdict.problem}")
+    source = resume.Chosen(None, plan.checkpoint_dir, {}, verified=verdict.status == "verified")
     reader = CachedMetadataFileSystemReader(str(plan.checkpoint_dir))
-    stored = {k: v for k, v in reader.read_metadata().state_dict_metadata.items()
-              if isinstance(v, TensorStorageMetadata)}
+    with resume.readable(source):
+        stored = {k: v for k, v in reader.read_metadata().state_dict_metadata.items()
+                  if isinstance(v, TensorStorageMetadata)}
     model_keys = {k: tuple(v.size) for k, v in stored.items()
                   if k.startswith(("embedding.", "decoder.", "output_layer."))}  # not optimizer.*
     check_hf_tensors(model_keys, schema.keys(), str(plan.checkpoint_dir), allow_extra)
@@ -179,7 +190,8 @@ def convert_megatron_to_hf(
 
     def load_keys(keys: Sequence[str]) -> dict[str, torch.Tensor]:
         tensors = {k: torch.empty(stored[k].size, dtype=stored[k].properties.dtype) for k in keys}
-        dcp.load(tensors, storage_reader=reader, no_dist=True)
+        with resume.readable(source):
+            dcp.load(tensors, storage_reader=reader, no_dist=True)
         return tensors
 
     tmp = prepare_tmp(plan.save, rank)

@@ -7,6 +7,11 @@ atomically (``atomic``); loaded into any TP/PP/EP layout.
     resumed = load_checkpoint(load_dir, model_chunks, optimizer, scheduler)   # latest complete step
     resumed.step, resumed.extra_state                                          # None if nothing to load
 
+Integrity (``integrity``, ``resume``): every file's sha256 is recorded in ``checksums.json`` at
+save (committed with the files) and checked at load; without an asked step a damaged newest
+checkpoint falls back to the newest one that verifies, and ``keep_last`` never prunes the last
+checkpoint a load verified. docs/reliability_checkpoints.md lists the promises and their tests.
+
 Every rank calls both (they are collective). ``model_chunks``: this rank's model chunks, bare
 ``GPTModel`` or wrapped (DDP, Float16Module; the wrappers are looked through). ``optimizer``: what
 ``get_megatron_optimizer`` returned. ``scheduler``: anything with ``state_dict()`` /
@@ -45,12 +50,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from luspo_megatron.checkpoint import atomic
+from luspo_megatron.checkpoint import atomic, integrity, resume
+from luspo_megatron.checkpoint.resume import FORMAT_VERSION
 from luspo_megatron.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 # Megatron-LM's metadata for reshardable optimizer checkpoints (chained optimizers without prefix).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
@@ -65,6 +70,8 @@ class Resumed:
     optimizer_restored: bool  # False: the optimizer starts fresh (see the warning)
     rng_restored: bool
     skipped: tuple[Path, ...]  # incomplete .tmp saves passed over
+    verified: bool = False  # its files matched the checksums recorded at save
+    passed_over: tuple[str, ...] = ()  # newer checkpoints skipped as damaged, one line each
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -237,14 +244,22 @@ def save_checkpoint(
         state["scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_object(_rng_state())
     state["luspo"] = common
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
-    torch.distributed.barrier()  # every rank's files are complete (and fsync-ed)
+    strategy = _save_strategy()
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
+    # every rank's tensor file is complete, fsync-ed and hashed as it was written: merge on rank 0
+    hashed: list | None = [None] * torch.distributed.get_world_size() if rank == 0 else None
+    torch.distributed.gather_object(strategy.hashed, hashed, dst=0)
     if rank == 0:
-        atomic.commit_dir(tmp, final)
+        integrity.seal(tmp, {name: rec for part in hashed for name, rec in part.items()}, step)
+        atomic.commit_dir(tmp, final)  # checksums.json is committed with the files it describes
         atomic.write_latest(root, step)
         if keep_last is not None:
-            for path in atomic.prune(root, keep_last, keep=step):
+            protect = integrity.last_verified(root, lambda s: root / atomic.iter_name(s))
+            for path in atomic.prune(root, keep_last, keep=step, protect=protect):
                 logger.info("pruned %s", path)
+            if protect is not None and protect not in atomic.complete_steps(root)[-keep_last:]:
+                logger.info("kept %s beyond --keep-last: the last checkpoint a load verified",
+                            atomic.iter_name(protect))
     torch.distributed.barrier()
     return final
 
@@ -315,27 +330,39 @@ def load_checkpoint(
     *,
     load_optimizer: bool = True,
     load_rng: bool = True,
+    verify: bool = True,
+    missing_ok: bool = False,
 ) -> Resumed | None:
     """Load the ``latest`` complete checkpoint of ``load_dir`` (or ``step``) into this layout
     (collective). Never loads an incomplete ``.tmp`` save: it is skipped, logged and listed in
-    ``Resumed.skipped``. Returns None when ``load_dir`` holds no checkpoint and no step was asked."""
+    ``Resumed.skipped``. With ``verify`` its files are first checked against the checksums recorded
+    at save; without ``step``, a damaged newest checkpoint falls back to the newest one that
+    verifies (``resume``). Returns None when ``load_dir`` holds no checkpoint and no step was asked,
+    or (``missing_ok``) does not exist; a missing ``load_dir`` is an error otherwise."""
     from megatron.core import dist_checkpointing
 
-    point = atomic.find_resume_point(load_dir, step)
-    if point is None:
-        return None
+    root = Path(load_dir)
     rank0 = torch.distributed.get_rank() == 0
+    if not root.is_dir():
+        if root.exists():
+            raise CheckpointError(f"--load: {str(root)!r} is not a directory")
+        if not missing_ok or step is not None:
+            raise CheckpointError(f"--load: {str(root)!r} does not exist "
+                                  f"(pass --load-if-exists to start fresh when it is missing)")
+        _warn(rank0, f"--load: {str(root)!r} does not exist: starting fresh (--load-if-exists)")
+        return None
+    point = atomic.find_resume_point(root, step)
+    if point is None:
+        _warn(rank0, f"--load: {str(root)!r} holds no complete checkpoint: starting fresh")
+        return None
     for note in point.notes:
-        if rank0:
-            logger.warning(note)
-    common = dist_checkpointing.load_common_state_dict(str(point.path))
-    meta = common.get("luspo")
-    if meta is None or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"--load: {point.path} is not a luspo-megatron training checkpoint "
-                              f"(format_version {None if meta is None else meta.get('format_version')})")
+        _warn(rank0, note)
+    chosen = resume.choose(root, point, step, verify)
+    common, meta = chosen.common, chosen.common["luspo"]
     now, then = layout(), meta["layout"]
 
     request = _model_state(model_chunks)
+    resume.check_fits(chosen, request)
     model_sd = dict(request)
     restore_optimizer = optimizer is not None and load_optimizer and meta["optimizer_structure"] is not None
     bridged: dict[tuple, str] | None = None  # path in the optimizer state -> flat request name
@@ -367,7 +394,8 @@ def load_checkpoint(
     if restore_rng:
         request["rng_state"] = _rng_object(None)
 
-    loaded = dist_checkpointing.load(request, str(point.path))
+    with resume.readable(chosen):
+        loaded = dist_checkpointing.load(request, str(chosen.path))
     _load_model_state(model_chunks, loaded)
     if restore_optimizer:
         with torch.no_grad():  # the fp32 main params are views of the model params (idiom 6)
@@ -388,9 +416,10 @@ def load_checkpoint(
         (state,) = loaded["rng_state"] if isinstance(loaded["rng_state"], list) else (loaded["rng_state"],)
         _set_rng_state(state)
     if rank0:
-        logger.info("resumed step %d from %s", meta["step"], point.path)
-    return Resumed(meta["step"], json.loads(meta["extra_state"]), point.path, restore_optimizer, restore_rng,
-                   point.skipped)
+        logger.info("resumed step %d from %s%s", meta["step"], chosen.path,
+                    " (files verified against checksums.json)" if chosen.verified else "")
+    return Resumed(meta["step"], json.loads(meta["extra_state"]), chosen.path, restore_optimizer, restore_rng,
+                   point.skipped, chosen.verified, chosen.passed_over)
 
 
 def _warn(rank0: bool, message: str) -> None:
@@ -398,19 +427,29 @@ def _warn(rank0: bool, message: str) -> None:
         logger.warning(message)
 
 
-def load_model_weights(checkpoint_dir: str | Path, model_chunks) -> None:
+def load_model_weights(checkpoint_dir: str | Path, model_chunks, *, verify: bool = True,
+                       flag: str = "--pretrained-checkpoint") -> None:
     """Load only the weights of a dist checkpoint (a converted HF model, or the model part of a
-    training checkpoint directory / save directory) into this layout (collective)."""
+    training checkpoint directory / save directory) into this layout (collective). Its files are
+    checked against its checksums.json first, when it has one (training checkpoints); a damaged
+    one, or one of another model, is a CheckpointError naming ``flag``."""
     from megatron.core import dist_checkpointing
 
     directory = Path(checkpoint_dir)
+    step = None
     if not (directory / "metadata.json").is_file():
         point = atomic.find_resume_point(directory)
         if point is None:
-            raise CheckpointError(f"--load: no dist checkpoint in {str(directory)!r}")
-        directory = point.path
+            raise CheckpointError(f"{flag}: no dist checkpoint in {str(directory)!r}")
+        directory, step = point.path, point.step
+    verdict = integrity.verify(directory) if verify else None
+    if verdict is not None and verdict.status == "failed":
+        raise CheckpointError(f"{flag}: {resume.describe(step, directory)} is damaged: {verdict.problem}")
+    chosen = resume.Chosen(step, directory, {}, verdict is not None and verdict.status == "verified")
+    resume.check_fits(chosen, _model_state(model_chunks), flag=flag)
     for chunk in (unwrap(c) for c in model_chunks):
         request = chunk.sharded_state_dict()
-        loaded = dist_checkpointing.load(request, str(directory))
+        with resume.readable(chosen, flag=flag):
+            loaded = dist_checkpointing.load(request, str(directory))
         # the result also holds the checkpoint's common part (a training checkpoint's step, ...)
         chunk.load_state_dict({k: loaded[k] for k in request}, strict=True)

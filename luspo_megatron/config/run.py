@@ -36,6 +36,15 @@ class CheckpointConfig:
         action="store_true",
     )
     no_load_rng: bool = opt(False, "--no-load-rng", help="Resume without the RNG states.", action="store_true")
+    verify_checkpoint: bool = opt(
+        True, "--no-verify-checkpoint", action="store_false",
+        help="Load without checking every checkpoint file against the sha256 recorded at save "
+             "(saves a full read of the checkpoint on huge runs; a damaged file then loads silently).",
+    )
+    load_if_exists: bool = opt(
+        False, "--load-if-exists", action="store_true",
+        help="Start fresh when the --load directory does not exist (without it, that is an error).",
+    )
 
     def __post_init__(self) -> None:
         for name in ("save_interval", "keep_last"):

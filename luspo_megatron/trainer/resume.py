@@ -37,11 +37,14 @@ def maybe_load(config: RunConfig, policy: Any, assets_fingerprint: str) -> Resum
     cfg = config.checkpoint
     resumed = None
     if cfg.load:
+        # Every file is checked against its recorded sha256 (a damaged newest checkpoint falls back
+        # to an older good one); a missing --load is an error unless --load-if-exists.
         resumed = load_checkpoint(cfg.load, policy.model, policy.optimizer, policy.scheduler, step=cfg.ckpt_step,
-                                  load_optimizer=not cfg.no_load_optim, load_rng=not cfg.no_load_rng)
+                                  load_optimizer=not cfg.no_load_optim, load_rng=not cfg.no_load_rng,
+                                  verify=cfg.verify_checkpoint, missing_ok=cfg.load_if_exists)
     if resumed is None:
         if cfg.pretrained_checkpoint:
-            load_model_weights(cfg.pretrained_checkpoint, policy.model)
+            load_model_weights(cfg.pretrained_checkpoint, policy.model, verify=cfg.verify_checkpoint)
             policy.optimizer.reload_model_params()  # the optimizer's fp32 main params follow
             return ResumeState(weights_differ_from_assets=True)
         return ResumeState()

@@ -45,6 +45,15 @@ def test_missing_or_dangling_latest_falls_back_to_the_newest_complete_checkpoint
     assert point.step == 5 and "names step 9" in point.report()
 
 
+@pytest.mark.parametrize("content", [b"", b"three\n", b"\xff\xfe3", b"-3\n", b"3.0\n", b"\xd9\xa3\n", b"9" * 4096])
+def test_garbage_latest_is_an_error_not_a_guess(tmp_path, content):
+    make(tmp_path, "iter_0000003", "iter_0000006")
+    (tmp_path / "latest").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"latest is damaged: expected a step number, got b.*--ckpt-step N$"):
+        atomic.find_resume_point(tmp_path)
+    assert atomic.find_resume_point(tmp_path, step=3).step == 3  # an explicit step does not need it
+
+
 def test_empty_directory_has_nothing_to_resume(tmp_path):
     assert atomic.find_resume_point(tmp_path / "none") is None
     assert atomic.find_resume_point(make(tmp_path, "iter_0000001.tmp")) is None

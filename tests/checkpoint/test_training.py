@@ -2,6 +2,8 @@
 layout, resume in another layout (tp2 -> ep2; slow: ep2 -> tp2, tp2×ep2 on 4 ranks -> 1 process,
 megatron's regular optimizer), a save killed mid-write, and the export of a training checkpoint."""
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +54,7 @@ def runs(request, tmp_path_factory):
         "crash_output": crashed.stdout + crashed.stderr,
         "after_crash": after_crash,
         "latest_after_crash": latest_after_crash,
+        "ckpt": ckpt,
     }
 
 
@@ -81,7 +84,8 @@ def test_keep_last_prunes_older_checkpoints(runs):
 
 def test_save_killed_mid_write_leaves_the_previous_checkpoint_as_latest(runs):
     assert runs["crash_returncode"] != 0 and "SIGKILL" in runs["crash_output"]
-    assert runs["after_crash"] == ["iter_0000003", "iter_0000006.tmp", "latest"]
+    # `verified`: run C's load verified step 3 (pruning keeps it; tests/checkpoint/test_integrity.py)
+    assert runs["after_crash"] == ["iter_0000003", "iter_0000006.tmp", "latest", "verified"]
     assert runs["latest_after_crash"] == 3
 
 
@@ -89,6 +93,41 @@ def test_next_load_resumes_from_the_previous_complete_checkpoint_and_says_so(run
     for control in ("R", "F"):
         resumed = runs["resume"][control]
         assert (resumed["step"], resumed["path"], resumed["skipped"]) == (3, "iter_0000003", ["iter_0000006.tmp"])
+
+
+def test_every_rank_hashes_its_file_and_rank_0_records_all_of_them(runs):
+    # the saving layout has 2 ranks: each wrote (and hashed while writing) its own __<rank>_0.distcp
+    step3 = runs["ckpt"] / "iter_0000003"
+    recorded = json.loads((step3 / "checksums.json").read_text())["files"]
+    on_disk = sorted(p.name for p in step3.iterdir() if p.name != "checksums.json")
+    assert sorted(recorded) == on_disk and {"__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt"} <= set(on_disk)
+    for name, record in recorded.items():  # an independent sha256 of each whole file
+        data = (step3 / name).read_bytes()
+        assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    assert runs["suite"]["C"]["verified"] and runs["resume"]["R"]["verified"]
+
+
+def test_ranks_verify_a_slice_each_and_all_take_the_same_decision(runs):
+    verify = runs["resume"]["V"]
+    if len(verify["hashed"]) > 1:  # the loading layout has several ranks: the hashing was split
+        assert verify["hashed"][0] and verify["hashed"][1] and not set(verify["hashed"][0]) & set(verify["hashed"][1])
+    assert all(v == verify["verdicts"][0] for v in verify["verdicts"])
+    intact, damaged = verify["verdicts"][0]
+    assert intact == ("verified", None)
+    assert damaged[0] == "failed" and "__1_0.distcp: sha256" in damaged[1]
+
+
+def test_a_checkpoint_from_before_checksums_still_loads_unverified(runs):
+    legacy = runs["resume"]["L"]
+    assert legacy["step"] == 3 and not legacy["verified"]
+    assert legacy["losses"] == runs["resume"]["R"]["losses"]  # the same state as the verified load
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_reading_a_tensor(runs):
+    message = runs["resume"]["M"]
+    assert message is not None and "\n" not in message
+    assert message.startswith("--load: checkpoint step 3 (") and "holds another model" in message
+    assert "embedding.word_embeddings.weight is (128, 64) there, (256, 64) in this model" in message
 
 
 def test_resume_in_another_layout_is_within_1e_5(runs):

@@ -70,6 +70,7 @@ def main() -> None:
 
     from luspo_megatron.checkpoint.training import load_checkpoint, load_model_weights, save_checkpoint
     from luspo_megatron.config import ParallelConfig
+    from luspo_megatron.errors import CheckpointError
     from luspo_megatron.models import arch_from_hf, tiny_qwen3_moe
     from luspo_megatron.models.build import build_model
     from luspo_megatron.models.hf_map import hf_live_to_disk
@@ -163,7 +164,8 @@ def main() -> None:
         resumed = load_checkpoint(args.ckpt, model, optimizer, scheduler, load_optimizer=load_optimizer)
         report = {"step": resumed.step, "extra_state": resumed.extra_state, "path": resumed.path.name,
                   "optimizer_restored": resumed.optimizer_restored, "rng_restored": resumed.rng_restored,
-                  "skipped": [p.name for p in resumed.skipped], "rng": rng_fingerprint()}
+                  "skipped": [p.name for p in resumed.skipped], "rng": rng_fingerprint(),
+                  "verified": resumed.verified}
         report["losses"] = train(model, optimizer, scheduler, dict(resumed.extra_state), 3)
         return report
 
@@ -196,6 +198,25 @@ def main() -> None:
         raise AssertionError("the crash hook did not fire")
     result["R"] = resume(load_optimizer=True)
     result["F"] = resume(load_optimizer=False)
+    result["V"] = verify_on_every_rank(Path(args.ckpt) / "iter_0000003", Path(args.out).with_name("damaged"))
+
+    # L: the same checkpoint as the version before checksums wrote it (format 1, no checksums.json)
+    legacy = Path(args.out).with_name("legacy")
+    if rank == 0:
+        make_legacy(Path(args.ckpt), legacy)
+    torch.distributed.barrier()
+    model, optimizer, scheduler = build(load_hf=False)
+    resumed = load_checkpoint(legacy, model, optimizer, scheduler)
+    result["L"] = {"step": resumed.step, "verified": resumed.verified, "losses": train(
+        model, optimizer, scheduler, dict(resumed.extra_state), 3)}
+    # M: a model with another vocabulary loading this checkpoint
+    other_arch = arch_from_hf(tiny_qwen3_moe(vocab_size=256, num_hidden_layers=2, mlp_only_layers=[1]))
+    other = build_model(other_arch, transformer_config(other_arch, parallel), use_transformer_engine=False)
+    try:
+        load_checkpoint(args.ckpt, other)
+        result["M"] = None
+    except CheckpointError as err:
+        result["M"] = str(err)
 
     chunks = build_model(arch, tconfig, use_transformer_engine=False)
     load_model_weights(args.ckpt, chunks)  # the model part of the latest training checkpoint
@@ -214,6 +235,42 @@ def main() -> None:
         torch.save(result, args.out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def verify_on_every_rank(checkpoint: Path, copy: Path) -> dict:
+    """Every rank verifies the checkpoint, then a copy with 4 KiB of ``__1_0.distcp`` flipped (same
+    size: only hashing finds it, on the one rank whose slice holds the file). Returns every rank's
+    verdicts and the files each rank hashed."""
+    import shutil
+
+    from luspo_megatron.checkpoint import integrity
+
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(checkpoint, copy)
+        data = bytearray((copy / "__1_0.distcp").read_bytes())
+        data[1000:5096] = bytes(b ^ 0xFF for b in data[1000:5096])
+        (copy / "__1_0.distcp").write_bytes(bytes(data))
+    torch.distributed.barrier()
+    hashed: list[str] = []
+    original = integrity.file_record
+    integrity.file_record = lambda path: hashed.append(Path(path).name) or original(path)
+    verdicts = [(v.status, v.problem) for v in (integrity.verify(checkpoint), integrity.verify(copy))]
+    integrity.file_record = original
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, (verdicts, sorted(set(hashed))))
+    return {"verdicts": [v for v, _ in every], "hashed": [h for _, h in every]}
+
+
+def make_legacy(source: Path, dest: Path) -> None:
+    """A copy of a save directory as the version before checksums wrote it."""
+    import shutil
+
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("*.tmp", "verified"))
+    for directory in dest.glob("iter_*"):
+        (directory / "checksums.json").unlink()
+        common = torch.load(directory / "common.pt", weights_only=False)
+        common["luspo"]["format_version"] = 1
+        torch.save(common, directory / "common.pt")
 
 
 def arm_crash() -> None:
