@@ -104,6 +104,11 @@ def evaluate_set(engine: RolloutEngine, tokenizer: Any, reward: Any, eval_set: E
     return {f"eval/{eval_set.name}/{key}": value for key, value in metrics.items()}, rows
 
 
+def eval_due(step: int, interval: int | None, train_iters: int) -> bool:
+    """Step 0 (before training), every ``interval`` RL steps, and the last step."""
+    return step == 0 or step == train_iters or (interval is not None and step % interval == 0)
+
+
 def trim_jsonl(path: Path, keep_up_to_step: int | None) -> None:
     """Keep the rows of ``path`` with step ≤ ``keep_up_to_step`` (a resumed run); none when it is None or 0."""
     if not path.exists():
@@ -135,10 +140,8 @@ class Evaluator:
             trim_jsonl(samples_path, resume_step)
 
     def due(self, step: int) -> bool:
-        """Step 0, every ``--eval-interval`` steps, and the last step; never without ``--eval-data``."""
-        interval = self.config.eval.eval_interval
-        at_interval = interval is not None and step % interval == 0
-        return bool(self.sets) and (step == 0 or step == self.config.train_iters or at_interval)
+        """Whether to evaluate after RL step ``step`` (0: before training); never without ``--eval-data``."""
+        return bool(self.sets) and eval_due(step, self.config.eval.eval_interval, self.config.train_iters)
 
     def __call__(self, step: int) -> dict[str, float]:
         """Evaluate every data set with the engines' current weights; log and return the metrics."""

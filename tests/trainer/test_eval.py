@@ -221,3 +221,25 @@ def test_tools_eval_bad_input_is_one_line_and_exit_status_2(args, needle, tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_the_evaluation_schedule_and_what_a_fresh_or_resumed_run_keeps(tmp_path):
+    from luspo_megatron.logging import MetricsLogger, read_metrics
+    from luspo_megatron.trainer.evaluate import eval_due, trim_jsonl
+
+    assert [s for s in range(8) if eval_due(s, 3, 7)] == [0, 3, 6, 7]
+    assert [s for s in range(8) if eval_due(s, None, 7)] == [0, 7]
+    samples = tmp_path / "eval_samples.jsonl"
+    samples.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (0, 0, 2, 4)) + '{"step": 6, "x')
+    trim_jsonl(samples, 2)  # resumed from step 2: the later evaluations (and a torn line) go
+    assert [json.loads(line)["step"] for line in samples.read_text().splitlines()] == [0, 0, 2]
+    trim_jsonl(samples, 0)  # a fresh run keeps nothing
+    assert samples.read_text() == ""
+    log = MetricsLogger(tmp_path)
+    for step in (0, 1, 2, 3):
+        log.log(step, {"eval/toy/avg@4": 0.5} if step == 0 else {"loss": float(step)})
+    log.close()
+    MetricsLogger(tmp_path, resume_step=2).close()  # resumed: the step-0 evaluation stays
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    MetricsLogger(tmp_path, resume_step=0).close()  # the trainer's fresh run: an old step-0 row goes too
+    assert read_metrics(tmp_path / "metrics.jsonl") == []
