@@ -107,7 +107,8 @@ def evaluate(config: Any, out: Path | None) -> tuple[dict[str, float], str, int]
         if config.checkpoint.load:
             hf_dir, ckpt_step = checkpoint_to_hf(config.checkpoint.load, config.checkpoint.ckpt_step, work / "hf",
                                                  assets.hf_dir)
-            step, source = ckpt_step or 0, f"{config.checkpoint.load} (step {ckpt_step})"
+            step = ckpt_step or 0
+            source = config.checkpoint.load + (f" (step {ckpt_step})" if ckpt_step is not None else "")
         reward = stack.enter_context(reward_from_config(config.data))
         engine = stack.enter_context(start_fleet(config.rollout, hf_dir=hf_dir, seed=config.seed, log_dir=work))
         if config.rollout.engine == "sglang":  # running servers: point them at the weights to evaluate
