@@ -2,7 +2,11 @@
 terminal, plain lines elsewhere), plots.
 
 Only rank 0 logs. ``metrics.jsonl`` has one JSON object per RL step; on resume the file is cut
-back to the resumed step, then appended, so a resumed run reads like an uninterrupted one.
+back to the resumed step, then appended, so a resumed run reads like an uninterrupted one. Held-out
+evaluation (``--eval-data``) adds its ``eval/NAME/...`` keys to the row of the step it ran after,
+and the evaluation before training is a row of its own, ``{"step": 0, "eval/...": ...}``: the
+summary table and the training curves skip such eval-only rows, so they read the same with or
+without evaluation.
 """
 
 from __future__ import annotations
@@ -21,6 +25,21 @@ logger = _stdlib_logging.getLogger("luspo_megatron")
 
 # Curves drawn at the end of a run and by tools/plot_runs.py: (metric key, axis title).
 CURVES = (("reward_mean", "reward"), ("response_len_mean", "response length (tokens)"), ("clip_frac", "clip fraction"))
+EVAL_PREFIX = "eval/"  # eval/NAME/avg@k, eval/NAME/pass@k', eval/NAME/response_len_mean, ... (trainer/evaluate.py)
+_EVAL_ONLY_KEYS = ("step", "time_eval_s")
+
+
+def is_eval_only(row: Mapping[str, Any]) -> bool:
+    """A metrics row with evaluation results and no training step (the evaluation before step 1)."""
+    return all(key in _EVAL_ONLY_KEYS or key.startswith(EVAL_PREFIX) for key in row)
+
+
+def eval_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, str]]:
+    """(key, title) of the evaluation curves present in any run: avg@k and response length per data set."""
+    keys = {key for rows in runs.values() for row in rows for key in row if key.startswith(EVAL_PREFIX)}
+    wanted = sorted(k for k in keys if k.rsplit("/", 1)[-1].startswith("avg@") or k.endswith("/response_len_mean"))
+    titles = {"response_len_mean": "response length"}
+    return [(key, "eval " + " ".join(titles.get(part, part) for part in key.split("/")[1:])) for key in wanted]
 
 
 def _json_safe(value: Any) -> Any:
@@ -51,14 +70,16 @@ class MetricsLogger:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / "metrics.jsonl"
-        kept = [r for r in read_metrics(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
+        # resume_step 0 or None: a fresh run, nothing kept (an old run's step-0 evaluation included).
+        kept = [r for r in read_metrics(self.path) if resume_step and r.get("step", 0) <= resume_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)  # atomic: a crash here leaves either the old or the trimmed file
         self._file = self.path.open("a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
+        self._tb = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"),
+                                 purge_step=resume_step + 1 if resume_step else 0)
         self._wandb = None
         if wandb_project:
             try:
@@ -183,22 +204,29 @@ def curve_points(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int]
 
 
 def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str | Path,
-              curves: Sequence[tuple[str, str]] = CURVES) -> Path:
-    """Overlay the metric curves of several runs ({label: metrics rows}) into one PNG."""
+              curves: Sequence[tuple[str, str]] | None = None) -> Path:
+    """Overlay the metric curves of several runs ({label: metrics rows}) into one PNG. ``curves``
+    None: :data:`CURVES`, then the evaluation curves the runs have (:func:`eval_curves`), three a row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4))
+    curves = list(CURVES) + eval_curves(runs) if curves is None else list(curves)
+    ncols = min(3, len(curves))
+    nrows = -(-len(curves) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows), squeeze=False)
+    axes = grid.flatten()
     for ax, (key, title) in zip(axes, curves):
         for label, rows in runs.items():
             steps, values = curve_points(rows, key)
-            if steps:
-                ax.plot(steps, values, label=label)
+            if steps:  # evaluations are sparse: mark each point
+                ax.plot(steps, values, label=label, marker="o" if key.startswith(EVAL_PREFIX) else None)
         ax.set_xlabel("RL step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    for ax in axes[len(curves):]:
+        ax.set_visible(False)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
@@ -209,10 +237,14 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_png: str | Pa
 
 def summary_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("reward_mean", "response_len_mean",
                   "clip_frac", "loss", "grad_norm", "kl", "entropy", "time_step_s"), window: int = 10) -> Any:
-    """A rich Table: the mean of each metric over the first and the last ``window`` steps."""
+    """A rich Table: the mean of each metric over the first and the last ``window`` RL steps (eval-only
+    rows do not count as steps); then, when the run evaluated, each data set's avg@k and response
+    length at the first and the last evaluation."""
     from rich.table import Table
 
-    table = Table(title=f"run summary (mean of the first / last {window} steps)")
+    evals = eval_curves({"run": rows})
+    title = f"run summary (mean of the first / last {window} steps)"
+    table = Table(title=title + ("; eval/: the first / last evaluation" if evals else ""))
     for col in ("metric", "first", "last"):
         table.add_column(col, justify="right" if col != "metric" else "left")
 
@@ -220,6 +252,12 @@ def summary_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("rew
         vals = [r[key] for r in part if isinstance(r.get(key), (int, float))]
         return f"{sum(vals) / len(vals):.4g}" if vals else "-"
 
+    steps = [r for r in rows if not is_eval_only(r)]
     for key in keys:
-        table.add_row(key, mean(rows[:window], key), mean(rows[-window:], key))
+        table.add_row(key, mean(steps[:window], key), mean(steps[-window:], key))
+    if evals:
+        table.add_section()
+    for key, _ in evals:
+        done = [r for r in rows if isinstance(r.get(key), (int, float))]
+        table.add_row(key, mean(done[:1], key), mean(done[-1:], key))
     return table

@@ -10,12 +10,13 @@ the flag, the value and the rule. After validation a config never changes (``fro
     cfg.parallel.tensor_model_parallel_size  # 2
 
 The sections: ``model.py`` (model, parallel), ``rollout.py``, ``training.py`` (algorithm,
-optimizer), ``data.py``, ``run.py`` (checkpoint, logging, the root); ``loss.py`` holds the
+optimizer), ``data.py``, ``eval.py``, ``run.py`` (checkpoint, logging, the root); ``loss.py`` holds the
 policy-loss options the algorithm section validates. Config is a leaf of the house: it imports
 nothing of ours but ``errors``.
 """
 
 from luspo_megatron.config.data import DataConfig
+from luspo_megatron.config.eval import EvalConfig
 from luspo_megatron.config.fields import flag_of, opt
 from luspo_megatron.config.loader import (
     OneLineArgumentParser,
@@ -34,8 +35,8 @@ from luspo_megatron.config.run import SECTIONS, CheckpointConfig, LoggingConfig,
 from luspo_megatron.config.training import AlgorithmConfig, OptimizerConfig
 
 __all__ = [
-    "SECTIONS", "AlgorithmConfig", "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig", "ModelConfig",
-    "OneLineArgumentParser", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "RunConfig", "build_parser",
-    "config_from_dict", "config_to_yaml", "flag_of", "json_ready", "load_config", "load_yaml", "merge_overrides",
-    "opt",
+    "SECTIONS", "AlgorithmConfig", "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "LossConfig",
+    "ModelConfig", "OneLineArgumentParser", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "RunConfig",
+    "build_parser", "config_from_dict", "config_to_yaml", "flag_of", "json_ready", "load_config", "load_yaml",
+    "merge_overrides", "opt",
 ]

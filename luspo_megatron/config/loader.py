@@ -135,6 +135,8 @@ def _add_field(group: argparse._ArgumentGroup, cls: type, f: dataclasses.Field, 
     if action in ("store_true", "store_false"):
         kwargs["action"] = action
     else:
+        if action == "extend":  # a repeatable list flag (--eval-data a=x --eval-data b=y)
+            kwargs["action"] = action
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if meta.get("nargs"):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from luspo_megatron.config.data import DataConfig
+from luspo_megatron.config.eval import EvalConfig
 from luspo_megatron.config.fields import check, opt, positive
 from luspo_megatron.config.model import ModelConfig, ParallelConfig
 from luspo_megatron.config.rollout import RolloutConfig
@@ -84,6 +85,7 @@ SECTIONS = {
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -104,6 +106,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         positive(RunConfig, self, "train_iters")

@@ -9,7 +9,8 @@ One RL step:
                    optimizer steps of the rollout (``policy_step.py``; Megatron schedules, loss at the
                    last stage with the GLOBAL sequence count of each mini-batch);
 7   weight sync    the new weights go to the engines (``weights.py``: pause → update → version → continue);
-8   bookkeeping    metrics, samples, checkpoint (``resume.py``), progress bar.
+8   bookkeeping    metrics, samples, held-out evaluation when due (``evaluate.py``: step 0, every
+                   ``--eval-interval`` steps, the last), checkpoint (``resume.py``), progress bar.
 
 Robustness: a non-finite gradient skips its optimizer step (three in a row stop the run with a
 checkpoint); SIGTERM / SIGINT finish the current step, save and exit; a local rollout server that
@@ -130,6 +131,7 @@ class Trainer:
         from luspo_megatron.logging import MetricsLogger, Progress, SampleLogger
         from luspo_megatron.rewards.compose import reward_from_config
         from luspo_megatron.rollout.fleet import start_fleet
+        from luspo_megatron.trainer.evaluate import EVAL_SAMPLES, Evaluator
         from luspo_megatron.trainer.rollout_step import RolloutStep
 
         cfg = self.config
@@ -150,6 +152,8 @@ class Trainer:
                                          wandb_project=cfg.logging.wandb_project, run_config=redacted(cfg.to_dict()))
         self._stack.callback(self.metrics_log.close)
         self.samples_log = SampleLogger(self.log_dir, cfg.logging.sample_interval, cfg.logging.samples_per_step)
+        self.evaluator = Evaluator(cfg, self.engine, tokenizer, reward, self.assets.stop_token_ids,  # --eval-data
+                                   samples_path=self.log_dir / EVAL_SAMPLES, resume_step=resumed_step)
         self.progress = Progress(cfg.train_iters, start=self.step, enabled=cfg.logging.progress,
                                  log_interval=cfg.logging.log_interval)
         self._stack.callback(self.progress.close)
@@ -171,6 +175,8 @@ class Trainer:
         history: list[dict[str, float]] = []
         with self._stack:
             self.setup()
+            if self.is_rank0 and self.step == 0 and self.evaluator.due(0):  # held-out evaluation before training
+                self.metrics_log.log(0, self.evaluator(0))
             interval = self.config.checkpoint.save_interval
             while self.step < self.config.train_iters:
                 if any_rank(self.stop_requested):
@@ -210,6 +216,8 @@ class Trainer:
         metrics["tokens_per_s"] = all_tokens / metrics["time_step_s"]
         if self.is_rank0:
             metrics.update(self.engine.metrics())
+            if self.evaluator.due(self.step):  # the engines hold this step's weights (synced above)
+                metrics.update(self.evaluator(self.step))
             self.metrics_log.log(self.step, metrics)
             self.samples_log.maybe_log(self.step, sample_rows(batch, self.config.algorithm.n_samples_per_prompt,
                                                               self.config.logging.samples_per_step))
