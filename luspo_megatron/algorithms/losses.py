@@ -11,7 +11,8 @@ Notation (per packed token t of sequence i): m_t the loss mask, δ_t = logp_t �
     ℓ = −min(ratio · Â, clip(ratio, 1 − ε_lo, 1 + ε_hi) · Â)    (PPO clip; clip-higher ε_hi)
 
 Every loss is written as a per-token term, then aggregated. The term is the policy part (times the
-TIS weight w when on), plus β·KL_t, minus c·H_t:
+importance weight w against the rollout engine when ``use_tis``: algorithms/tis.py, per token or per
+sequence, truncated or masked), plus β·KL_t, minus c·H_t:
 
     grpo        agg ∈ token-mean           Σ m·term / N_tokens (global)
                       seq-mean-token-mean  (1/B) Σ_i (1/|y_i|) Σ_t m·term
@@ -38,7 +39,14 @@ import torch
 
 from luspo_megatron.algorithms import metrics as metrics_lib
 from luspo_megatron.algorithms.kl import KL_TYPES, kl_estimate
-from luspo_megatron.algorithms.tis import TIS_LEVELS, sequence_tis_weights, token_tis_weights
+from luspo_megatron.algorithms.tis import (
+    SEQUENCE_TIS_LEVELS,
+    TIS_LEVELS,
+    TIS_MODES,
+    default_tis_lower,
+    sequence_log_ratio,
+    tis_weights,
+)
 from luspo_megatron.errors import ConfigError
 from luspo_megatron.ops import PolicyLossSpec, fused_available, segment_ids, seq_logratio_reference, seq_policy_loss
 
@@ -70,9 +78,15 @@ class LossConfig:
     entropy_coef: float = 0.0
     """Entropy bonus coefficient c (the loss gets −c·H_t per token); 0 disables it."""
     use_tis: bool = False
+    """Importance correction against ``rollout_logp`` (algorithms/tis.py)."""
     tis_clip: float = 2.0
-    """C, the truncation of the TIS weight."""
+    """C: truncate caps the weight at C; mask zeroes terms whose ratio is above C."""
     tis_level: str = "token"
+    """token: ρ_t; sequence: ρ_i = Π_t ρ_t (TRL, verl); geometric: ρ_i = (Π_t ρ_t)^(1/|y_i|)."""
+    tis_mode: str = "truncate"
+    """truncate: w = min(ρ, C) (TIS); mask: w = ρ on [tis_lower, C], else 0 (MIS / IcePop)."""
+    tis_lower: float | None = None
+    """lo of mask mode (None: 1/C); unused by truncate."""
     max_response_len: int | None = None
     """L_max of seq-mean-token-sum-norm. None: the longest response of the call (not micro-batch
     invariant, so the trainer always sets it to the generation limit)."""
@@ -111,6 +125,16 @@ class LossConfig:
             raise ConfigError(f"tis_level: expected one of {TIS_LEVELS}, got {self.tis_level!r}", field="tis_level")
         if not self.tis_clip > 0:
             raise ConfigError(f"tis_clip: expected > 0, got {self.tis_clip}", field="tis_clip")
+        if self.tis_mode not in TIS_MODES:
+            raise ConfigError(f"tis_mode: expected one of {TIS_MODES}, got {self.tis_mode!r}", field="tis_mode")
+        tis_lower = self.tis_lower
+        if self.tis_mode == "mask":
+            tis_lower = default_tis_lower(self.tis_clip) if tis_lower is None else tis_lower
+            if not 0.0 < tis_lower < self.tis_clip:
+                raise ConfigError(
+                    f"tis_lower: expected 0 < tis_lower < tis_clip = {self.tis_clip} for mask mode, got {tis_lower}",
+                    field="tis_lower",
+                )
         if self.max_response_len is not None and self.max_response_len < 1:
             raise ConfigError(
                 f"max_response_len: expected a positive int, got {self.max_response_len}", field="max_response_len"
@@ -118,6 +142,7 @@ class LossConfig:
         object.__setattr__(self, "eps_clip", float(eps_lo))
         object.__setattr__(self, "eps_clip_high", float(eps_hi))
         object.__setattr__(self, "agg", agg)
+        object.__setattr__(self, "tis_lower", None if tis_lower is None else float(tis_lower))
 
     @property
     def sequence_level(self) -> bool:
@@ -236,12 +261,10 @@ def _policy_loss_reference(
     mask = loss_mask.to(dtype) * (seg < num_seqs)  # padding past cu_seqlens[-1] is never a response token
     rollout = rollout_logp.to(dtype) if rollout_logp is not None else None
 
+    seq_tis = config.use_tis and config.tis_level in SEQUENCE_TIS_LEVELS
     # One segment reduction: Σ m·δ, |y_i| and Σ m·(old − rollout), global over CP.
-    sums = seq_logratio_reference(
-        logp, old_logp, mask, cu_seqlens,
-        rollout_logp=rollout if (config.use_tis and config.tis_level == "sequence") else None,
-        cp_group=cp_group,
-    )
+    sums = seq_logratio_reference(logp, old_logp, mask, cu_seqlens, rollout_logp=rollout if seq_tis else None,
+                                  cp_group=cp_group)
     seq_len = sums.num_tokens  # [B], |y_i|
     seq_len_t = _per_token(seq_len, seg)
     adv = advantages.to(dtype)
@@ -267,15 +290,17 @@ def _policy_loss_reference(
         pg_t = _per_token(surrogate.loss, seg)
         clipped_t = _per_token(surrogate.clipped, seg)
 
-    tis_w_t = None
+    tis_w_t = tis = None
     if config.use_tis:
-        if config.tis_level == "token":
-            tis_w_t = token_tis_weights(old_logp, rollout, config.tis_clip)
-        else:
-            tis_w_t = _per_token(
-                sequence_tis_weights(sums.sum_rollout_log_ratio, seq_len, config.tis_clip), seg
-            )
-        pg_t = pg_t * tis_w_t
+        if seq_tis:  # one weight per sequence: ρ_i from Σ_t m_t (old − rollout), global over CP
+            log_rho = sequence_log_ratio(sums.sum_rollout_log_ratio, seq_len, config.tis_level)  # [B]
+            tis = tis_weights(log_rho, config.tis_mode, config.tis_clip, config.tis_lower)
+            tis_w_t = _per_token(tis.weight, seg)
+        else:  # ρ_t = exp(old_t − rollout_t); prompt and padding tokens read 0 (their garbage never enters)
+            log_rho_t = torch.where(mask > 0, old_logp - rollout, torch.zeros_like(old_logp))  # [T]
+            tis = tis_weights(log_rho_t, config.tis_mode, config.tis_clip, config.tis_lower)
+            tis_w_t = tis.weight
+        pg_t = pg_t * tis_w_t  # w_t · ℓ: the weight multiplies the policy term only
 
     term_t = pg_t
     kl_t = None
@@ -320,6 +345,7 @@ def _policy_loss_reference(
             seq_clipped=surrogate.clipped if config.sequence_level else None,
             grad_weight_t=grad_t.abs(),
             tis_w_t=tis_w_t,
+            tis=tis,
             kl_t=kl_t,
             entropy_t=entropy_t,
             cp_group=cp_group,
@@ -358,6 +384,8 @@ def _policy_loss_fused(
         max_len=float(config.max_response_len) if config.max_response_len is not None else -1.0,
         tis_level=config.tis_level if config.use_tis else "none",
         tis_clip=config.tis_clip,
+        tis_mode=config.tis_mode,
+        tis_lower=config.tis_lower if config.tis_lower is not None else 0.0,
         kl_type=config.kl_type if ref_logp is not None else "none",
         kl_coef=config.kl_coef,
     )
