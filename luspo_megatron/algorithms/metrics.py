@@ -23,16 +23,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from luspo_megatron.algorithms.mismatch import PARTIAL_MAX_KEYS, PARTIAL_SUM_KEYS
+
 if TYPE_CHECKING:
     from luspo_megatron.algorithms.losses import LossConfig
     from luspo_megatron.algorithms.tis import TisWeights
 
 # How each key combines over micro-batches / ranks: summed, or averaged weighted by a count key.
-SUMMED = ("loss", "pg_loss", "num_tokens", "num_seqs", "num_empty_seqs", "num_clipped", "tis_num_terms")
+SUMMED = ("loss", "pg_loss", "num_tokens", "num_seqs", "num_empty_seqs", "num_clipped", "tis_num_terms",
+          *PARTIAL_SUM_KEYS)
 TOKEN_MEANS = ("mean_abs_log_ratio", "kl", "entropy", "tis_weight_mean", "token_clip_frac")
 SEQ_MEANS = ("clip_frac", "seq_ratio_mean", "length_weight_share")
 TIS_TERM_MEANS = ("tis_truncated_frac", "tis_masked_frac")  # weighted by tis_num_terms
-MAXED = ("tis_ratio_max",)
+MAXED = ("tis_ratio_max", *PARTIAL_MAX_KEYS)
 
 
 def length_weight_share(seq_grad_weight: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,9 @@ global token mean. All are exactly 0 when the two log-probs agree. k3 uses expm1
 To combine micro-batches and data-parallel ranks, ``mismatch_stats`` returns sums and maxima: add the sums,
 take the max of the maxima (``merge_mismatch`` locally, ``all_reduce_mismatch`` over a process group), then
 ``finalize_mismatch``. The maxima are kept as log-ratios (no overflow) and reported as exp(min(·, 80)).
+Inside a loss function whose metrics travel as float dicts (``metrics.reduce_metrics``), ``mismatch_partials``
+gives the same statistics as keys that reduce_metrics sums or maxes, and ``finalize_mismatch_partials`` the
+metrics from the reduced dict.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import torch
 from luspo_megatron.algorithms.tis import LOG_RATIO_MAX
 from luspo_megatron.ops.segments import segment_ids
 
+# Partial statistics as float metrics: summed / maxed by metrics.reduce_metrics (metrics.SUMMED / MAXED).
+PARTIAL_SUM_KEYS = ("mismatch_part_tokens", "mismatch_part_k3", "mismatch_part_k1", "mismatch_part_abs")
+PARTIAL_MAX_KEYS = ("mismatch_part_seq_log_max", "mismatch_part_geo_log_max")
 MISMATCH_KEYS = ("mismatch_k3_kl", "mismatch_kl", "mismatch_abs_logp_diff", "mismatch_seq_ratio_max",
                  "mismatch_geo_ratio_max", "mismatch_seq_log_ratio_max", "mismatch_num_tokens")
 
@@ -115,3 +121,14 @@ def finalize_mismatch(stats: MismatchStats) -> dict[str, float]:
         "mismatch_seq_log_ratio_max": seq_max if seq_max > -math.inf else 0.0,
         "mismatch_num_tokens": n,
     }
+
+
+def mismatch_partials(stats: MismatchStats) -> dict[str, float]:
+    """``stats`` as float metrics that ``metrics.reduce_metrics`` combines exactly (sums add, maxima max)."""
+    return dict(zip(PARTIAL_SUM_KEYS + PARTIAL_MAX_KEYS, stats.sums.tolist() + stats.maxima.tolist()))
+
+
+def finalize_mismatch_partials(metrics: dict[str, float]) -> dict[str, float]:
+    """``finalize_mismatch`` of the partial keys in ``metrics`` (after reduce_metrics over micro-batches and ranks)."""
+    return finalize_mismatch(MismatchStats(torch.tensor([metrics[k] for k in PARTIAL_SUM_KEYS], dtype=torch.float64),
+                                           torch.tensor([metrics[k] for k in PARTIAL_MAX_KEYS], dtype=torch.float64)))

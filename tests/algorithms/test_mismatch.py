@@ -12,11 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from luspo_megatron.algorithms.metrics import reduce_metrics
 from luspo_megatron.algorithms.mismatch import (
     MISMATCH_KEYS,
     all_reduce_mismatch,
     finalize_mismatch,
+    finalize_mismatch_partials,
     merge_mismatch,
+    mismatch_partials,
     mismatch_stats,
 )
 from tests.algorithms.packed import random_packed_batch
@@ -86,8 +89,11 @@ def test_micro_batch_split_merges_to_the_single_call():
         parts.append(mismatch_stats(old[t0:t1], rollout[t0:t1], batch.loss_mask[t0:t1],
                                     batch.cu_seqlens[lo:hi + 1] - t0))
     merged = finalize_mismatch(merge_mismatch(parts))
+    # The same partials as float metrics, combined by reduce_metrics (how a loss function's metrics travel).
+    reduced = finalize_mismatch_partials(reduce_metrics([{**mismatch_partials(p), "num_tokens": 1.0} for p in parts]))
     for key in MISMATCH_KEYS:
         assert merged[key] == pytest.approx(full[key], rel=1e-12, abs=1e-15), key
+        assert reduced[key] == pytest.approx(full[key], rel=1e-12, abs=1e-15), key
 
 
 def test_empty_batch_and_overflowing_sequence_ratio_stay_finite():
