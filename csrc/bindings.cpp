@@ -4,7 +4,7 @@
 // luspo_megatron/ops/fused_policy_loss.py) all see them as ordinary operators.
 //
 //   luspo::seq_logratio_phase1   tokens → per-sequence partial sums [B, k]
-//   luspo::seq_policy_loss_phase2  tokens + global sums → per-sequence table [B, 12] and ∂L/∂logp [T]
+//   luspo::seq_policy_loss_phase2  tokens + global sums → per-sequence table [B, 17] and ∂L/∂logp [T]
 //
 // The CUDA implementation is registered only when this file is compiled with LUSPO_WITH_CUDA (setup.py does
 // that where nvcc and a CUDA build of torch exist); the kernels themselves are torch-free.
@@ -71,8 +71,30 @@ luspo::Tis parse_tis(c10::string_view v) {
   if (s == "none") return luspo::Tis::kNone;
   if (s == "token") return luspo::Tis::kToken;
   if (s == "sequence") return luspo::Tis::kSequence;
-  TORCH_CHECK(false, "tis_level: expected none/token/sequence, got ", s);
+  if (s == "geometric") return luspo::Tis::kGeometric;
+  TORCH_CHECK(false, "tis_level: expected none/token/sequence/geometric, got ", s);
   return luspo::Tis::kNone;
+}
+
+luspo::TisMode parse_tis_mode(c10::string_view v) {
+  const std::string s = str(v);
+  if (s == "truncate") return luspo::TisMode::kTruncate;
+  if (s == "mask") return luspo::TisMode::kMask;
+  TORCH_CHECK(false, "tis_mode: expected truncate/mask, got ", s);
+  return luspo::TisMode::kTruncate;
+}
+
+// The TIS parameters of both ops, checked once.
+void set_tis(luspo::LossParams& params, c10::string_view tis_level, c10::string_view tis_mode, double tis_clip,
+             double tis_lower) {
+  params.tis = parse_tis(tis_level);
+  params.tis_mode = parse_tis_mode(tis_mode);
+  params.tis_clip = tis_clip;
+  params.tis_lower = tis_lower;
+  if (params.tis == luspo::Tis::kNone) return;
+  TORCH_CHECK(tis_clip > 0, "tis_clip: expected > 0, got ", tis_clip);
+  TORCH_CHECK(params.tis_mode != luspo::TisMode::kMask || (tis_lower > 0 && tis_lower < tis_clip),
+              "tis_lower: expected 0 < tis_lower < tis_clip = ", tis_clip, " for mask mode, got ", tis_lower);
 }
 
 luspo::Kl parse_kl(c10::string_view v) {
@@ -154,11 +176,10 @@ Inputs prepare(const at::Tensor& logp, const at::Tensor& old_logp, const std::op
 at::Tensor seq_logratio_phase1(const at::Tensor& logp, const at::Tensor& old_logp,
                                const std::optional<at::Tensor>& rollout_logp, const at::Tensor& loss_mask,
                                const at::Tensor& cu_seqlens, c10::string_view loss, c10::string_view tis_level,
-                               double tis_clip) {
+                               c10::string_view tis_mode, double tis_clip, double tis_lower) {
   luspo::LossParams params;
   params.loss = parse_loss(loss);
-  params.tis = parse_tis(tis_level);
-  params.tis_clip = tis_clip;
+  set_tis(params, tis_level, tis_mode, tis_clip, tis_lower);
   Inputs in = prepare(logp, old_logp, rollout_logp, std::nullopt, loss_mask, cu_seqlens, params);
   const int k = luspo::num_sum_cols(params);
   at::Tensor sums = at::empty({in.prob.num_seqs, k}, logp.options().dtype(acc_type(logp)));
@@ -183,17 +204,16 @@ std::tuple<at::Tensor, at::Tensor> seq_policy_loss_phase2(
     const at::Tensor& logp, const at::Tensor& old_logp, const std::optional<at::Tensor>& rollout_logp,
     const std::optional<at::Tensor>& ref_logp, const at::Tensor& loss_mask, const at::Tensor& cu_seqlens,
     const at::Tensor& advantages, const at::Tensor& sums, c10::string_view loss, c10::string_view agg,
-    c10::string_view tis_level, c10::string_view kl_type, double eps_lo, double eps_hi, double tis_clip,
-    double kl_coef, double num_sequences, double num_tokens, double max_len, bool write_grad,
-    const std::optional<at::Tensor>& grad_scale) {
+    c10::string_view tis_level, c10::string_view tis_mode, c10::string_view kl_type, double eps_lo, double eps_hi,
+    double tis_clip, double tis_lower, double kl_coef, double num_sequences, double num_tokens, double max_len,
+    bool write_grad, const std::optional<at::Tensor>& grad_scale) {
   luspo::LossParams params;
   params.loss = parse_loss(loss);
   params.agg = parse_agg(agg);
-  params.tis = parse_tis(tis_level);
+  set_tis(params, tis_level, tis_mode, tis_clip, tis_lower);
   params.kl = parse_kl(kl_type);
   params.eps_lo = eps_lo;
   params.eps_hi = eps_hi;
-  params.tis_clip = tis_clip;
   params.kl_coef = kl_coef;
   params.num_sequences = num_sequences;
   params.num_tokens = num_tokens;
@@ -248,12 +268,12 @@ std::tuple<at::Tensor, at::Tensor> seq_policy_loss_phase2(
 TORCH_LIBRARY(luspo, m) {
   m.def(
       "seq_logratio_phase1(Tensor logp, Tensor old_logp, Tensor? rollout_logp, Tensor loss_mask, "
-      "Tensor cu_seqlens, str loss, str tis_level, float tis_clip) -> Tensor");
+      "Tensor cu_seqlens, str loss, str tis_level, str tis_mode, float tis_clip, float tis_lower) -> Tensor");
   m.def(
       "seq_policy_loss_phase2(Tensor logp, Tensor old_logp, Tensor? rollout_logp, Tensor? ref_logp, "
       "Tensor loss_mask, Tensor cu_seqlens, Tensor advantages, Tensor sums, str loss, str agg, str tis_level, "
-      "str kl_type, float eps_lo, float eps_hi, float tis_clip, float kl_coef, float num_sequences, "
-      "float num_tokens, float max_len, bool write_grad, Tensor? grad_scale) -> (Tensor, Tensor)");
+      "str tis_mode, str kl_type, float eps_lo, float eps_hi, float tis_clip, float tis_lower, float kl_coef, "
+      "float num_sequences, float num_tokens, float max_len, bool write_grad, Tensor? grad_scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(luspo, CPU, m) {

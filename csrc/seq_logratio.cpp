@@ -98,7 +98,7 @@ inline void store(F16* out, double v) {
 // Phase-1 loop of one sequence; kTisCol: 0 none, 1 Σ m (old − rollout), 2 Σ m·w_t (token TIS weight).
 template <bool kDelta, int kTisCol, class scalar_t, class mask_t>
 void phase1_loop(int64_t begin, int64_t end, const scalar_t* lp, const scalar_t* old, const scalar_t* ro,
-                 const mask_t* mask, double clip, double* out) {
+                 const mask_t* mask, const LossParams& p, double* out) {
   double s_delta = 0, s_mask = 0, s_tis = 0;
 #pragma omp simd reduction(+ : s_delta, s_mask, s_tis)
   for (int64_t t = begin; t < end; ++t) {
@@ -108,7 +108,7 @@ void phase1_loop(int64_t begin, int64_t end, const scalar_t* lp, const scalar_t*
     if (kDelta) s_delta += valid ? m * (to_acc(lp[t]) - to_acc(old[t])) : 0.0;
     if (kTisCol == 1) s_tis += valid ? m * (to_acc(old[t]) - to_acc(ro[t])) : 0.0;
     if (kTisCol == 2) {
-      s_tis += valid ? m * token_tis_weight<double>(to_acc(old[t]), to_acc(ro[t]), clip) : 0.0;
+      s_tis += valid ? m * token_tis_weight<double>(p, to_acc(old[t]), to_acc(ro[t])) : 0.0;
     }
   }
   out[kSumDelta] = s_delta;
@@ -117,8 +117,8 @@ void phase1_loop(int64_t begin, int64_t end, const scalar_t* lp, const scalar_t*
 }
 
 template <class scalar_t, class mask_t>
-using Phase1Loop = void (*)(int64_t, int64_t, const scalar_t*, const scalar_t*, const scalar_t*, const mask_t*, double,
-                            double*);
+using Phase1Loop = void (*)(int64_t, int64_t, const scalar_t*, const scalar_t*, const scalar_t*, const mask_t*,
+                            const LossParams&, double*);
 
 template <bool kDelta, class scalar_t, class mask_t>
 Phase1Loop<scalar_t, mask_t> pick_phase1(int tis_col) {
@@ -131,7 +131,7 @@ template <class scalar_t, class mask_t, class out_t>
 void phase1_impl(const Problem& pr, out_t* sums) {
   const LossParams p = pr.params;
   const int k = num_sum_cols(p);
-  const int tis_col = p.tis == Tis::kSequence ? 1 : (k == 3 ? 2 : 0);
+  const int tis_col = is_sequence_tis(p.tis) ? 1 : (k == 3 ? 2 : 0);
   // grpo needs only n_i (its ratio is per token), so it skips reading logp and old_logp here.
   const Phase1Loop<scalar_t, mask_t> loop = p.loss != Loss::kGrpo ? pick_phase1<true, scalar_t, mask_t>(tis_col)
                                                                    : pick_phase1<false, scalar_t, mask_t>(tis_col);
@@ -143,7 +143,7 @@ void phase1_impl(const Problem& pr, out_t* sums) {
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t i = 0; i < pr.num_seqs; ++i) {
     double row[3];
-    loop(cu[i], cu[i + 1], lp, old, ro, mask, p.tis_clip, row);
+    loop(cu[i], cu[i + 1], lp, old, ro, mask, p, row);
     for (int j = 0; j < k; ++j) store(sums + i * k + j, row[j]);
   }
 }
@@ -157,20 +157,22 @@ struct ChunkBuffers {
   double m[kChunk], lp[kChunk], old[kChunk], ro[kChunk], ref[kChunk], adv[kChunk], grad[kChunk];
 };
 
-// The math of one chunk, specialised at compile time on the loss family, the TIS level and the KL estimator,
-// so that every branch of token_step on a parameter folds away and the loop is vectorized (exps included,
-// vexp.h). A masked token is computed like any other and then selected away, so garbage log-probs there (inf,
-// NaN) never reach a sum or the gradient. The lanes' partial sums are combined in a fixed order: deterministic.
-template <Loss kLoss, Tis kTis, Kl kKl>
+// The math of one chunk, specialised at compile time on the loss family, the TIS level and mode and the KL
+// estimator, so that every branch of token_step on a parameter folds away and the loop is vectorized (exps
+// included, vexp.h). A masked token is computed like any other and then selected away, so garbage log-probs
+// there (inf, NaN) never reach a sum or the gradient. The lanes' partial sums are combined in a fixed order:
+// deterministic.
+template <Loss kLoss, Tis kTis, TisMode kMode, Kl kKl>
 void chunk_math(const LossParams& params, const SeqCoef<double>& coef, int64_t n, ChunkBuffers& b, double* sums) {
   const SeqCoef<double> c = coef;
   LossParams p = params;
   p.loss = kLoss;
   p.tis = kTis;
+  p.tis_mode = kMode;
   p.kl = kKl;
   p.per_token_adv = true;  // b.adv holds Â_i in every slot when the advantages are per sequence
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8)
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0, s9 = 0, r_max = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8, s9) reduction(max : r_max)
   for (int64_t j = 0; j < n; ++j) {
     const bool valid = b.m[j] != 0;
     const TokenTerms<double> tt = token_step<double>(p, c, b.m[j], b.lp[j], b.old[j], b.ro[j], b.ref[j], b.adv[j]);
@@ -180,12 +182,15 @@ void chunk_math(const LossParams& params, const SeqCoef<double>& coef, int64_t n
     s3 += valid ? tt.abs_delta : 0.0;
     s4 += valid ? tt.clipped_tokens : 0.0;
     s5 += valid ? tt.tis_weight : 0.0;
-    s6 += valid ? tt.tis_clipped : 0.0;
-    s7 += valid ? tt.kl : 0.0;
-    s8 += valid ? tt.grad_abs : 0.0;
+    s6 += valid ? tt.tis_truncated : 0.0;
+    s7 += valid ? tt.tis_masked : 0.0;
+    s8 += valid ? tt.kl : 0.0;
+    s9 += valid ? tt.grad_abs : 0.0;
+    const double r = valid ? tt.tis_ratio : 0.0;
+    r_max = r > r_max ? r : r_max;
     b.grad[j] = valid ? tt.grad : 0.0;
   }
-  static_assert(kNumTokenCols == 9, "one accumulator per token column");
+  static_assert(kNumTokenSums == 10 && kNumTokenCols == 11, "one accumulator per token column");
   sums[0] += s0;
   sums[1] += s1;
   sums[2] += s2;
@@ -195,34 +200,41 @@ void chunk_math(const LossParams& params, const SeqCoef<double>& coef, int64_t n
   sums[6] += s6;
   sums[7] += s7;
   sums[8] += s8;
+  sums[9] += s9;
+  sums[kTisRatioMax] = r_max > sums[kTisRatioMax] ? r_max : sums[kTisRatioMax];
 }
 
 using ChunkMath = void (*)(const LossParams&, const SeqCoef<double>&, int64_t, ChunkBuffers&, double*);
 
-template <Loss kLoss, Tis kTis>
+template <Loss kLoss, Tis kTis, TisMode kMode>
 ChunkMath pick_kl(Kl kl) {
   switch (kl) {
-    case Kl::kK1: return &chunk_math<kLoss, kTis, Kl::kK1>;
-    case Kl::kK2: return &chunk_math<kLoss, kTis, Kl::kK2>;
-    case Kl::kK3: return &chunk_math<kLoss, kTis, Kl::kK3>;
-    default: return &chunk_math<kLoss, kTis, Kl::kNone>;
+    case Kl::kK1: return &chunk_math<kLoss, kTis, kMode, Kl::kK1>;
+    case Kl::kK2: return &chunk_math<kLoss, kTis, kMode, Kl::kK2>;
+    case Kl::kK3: return &chunk_math<kLoss, kTis, kMode, Kl::kK3>;
+    default: return &chunk_math<kLoss, kTis, kMode, Kl::kNone>;
   }
 }
 
 template <Loss kLoss>
-ChunkMath pick_tis(Tis tis, Kl kl) {
+ChunkMath pick_tis(Tis tis, TisMode mode, Kl kl) {
   switch (tis) {
-    case Tis::kToken: return pick_kl<kLoss, Tis::kToken>(kl);
-    case Tis::kSequence: return pick_kl<kLoss, Tis::kSequence>(kl);
-    default: return pick_kl<kLoss, Tis::kNone>(kl);
+    case Tis::kToken:
+      return mode == TisMode::kMask ? pick_kl<kLoss, Tis::kToken, TisMode::kMask>(kl)
+                                    : pick_kl<kLoss, Tis::kToken, TisMode::kTruncate>(kl);
+    // Sequence and geometric weights are per sequence (SeqCoef): the token loop only reads w_i, so one
+    // instantiation serves both levels and both modes.
+    case Tis::kSequence:
+    case Tis::kGeometric: return pick_kl<kLoss, Tis::kSequence, TisMode::kTruncate>(kl);
+    default: return pick_kl<kLoss, Tis::kNone, TisMode::kTruncate>(kl);
   }
 }
 
 ChunkMath pick_chunk_math(const LossParams& p) {
   // gspo and luspo share a loop: they differ only in α_i, which is in the sequence coefficients.
-  if (is_sequence_level(p.loss)) return pick_tis<Loss::kLuspo>(p.tis, p.kl);
-  if (p.loss == Loss::kGrpo) return pick_tis<Loss::kGrpo>(p.tis, p.kl);
-  return pick_tis<Loss::kGspoToken>(p.tis, p.kl);
+  if (is_sequence_level(p.loss)) return pick_tis<Loss::kLuspo>(p.tis, p.tis_mode, p.kl);
+  if (p.loss == Loss::kGrpo) return pick_tis<Loss::kGrpo>(p.tis, p.tis_mode, p.kl);
+  return pick_tis<Loss::kGspoToken>(p.tis, p.tis_mode, p.kl);
 }
 
 // Load one chunk into the float64 buffers (only the arrays this variant reads).

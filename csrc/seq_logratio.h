@@ -11,9 +11,14 @@
 // Phase 1 (one pass over the tokens) gives, per sequence, the partial sums
 //     col 0  S_i = Σ_t m_t δ_t
 //     col 1  n_i = Σ_t m_t
-//     col 2  R_i = Σ_t m_t (old_t − rollout_t)             sequence-level TIS
-//            U_i = Σ_t m_t w_t, w_t = min(e^{old_t−rollout_t}, C)   token TIS on a sequence-ratio loss
+//     col 2  R_i = Σ_t m_t (old_t − rollout_t)             sequence- or geometric-level TIS
+//            U_i = Σ_t m_t w_t (token weights below)        token TIS on a sequence-ratio loss
 // With context parallelism these are summed over the CP group (one all-reduce of [B, k]) in between.
+//
+// Importance weights against the rollout engine (luspo_megatron/algorithms/tis.py), from log ρ:
+//     token ρ_t = e^{old_t − rollout_t};  sequence ρ_i = e^{R_i};  geometric ρ_i = e^{R_i / max(n_i, 1)}
+//     truncate  w = min(ρ, C);  mask  w = ρ if lo ≤ ρ ≤ C else 0
+// with log ρ clamped above at kLogRatioMax before exp (finite in float32; exact for any C < e^80).
 //
 // Phase 2 (one pass over the tokens) uses the global sums. Every aggregation is a_t = m_t·α_i:
 //     token-mean α = 1/N,  seq-mean-token-mean α_i = 1/(n_i B),  seq-mean-token-sum α = 1/B,
@@ -23,7 +28,7 @@
 //     gspo_token  value s_i, ∂/∂logp_t = s_i:   g_t = −a_t w_t Â_t s_i · [not clipped_t]
 //     gspo/luspo  s_i = e^{S_i/n_i}, ∂s_i/∂logp_t = s_i m_t/n_i, and ℓ_i multiplies Σ_u a_u w_u =: W_i:
 //                 g_t = −W_i Â_i s_i [not clipped_i] · m_t / n_i,
-//                 W_i = α_i·n_i (no TIS), α_i·n_i·w_i (sequence TIS), α_i·U_i (token TIS)
+//                 W_i = α_i·n_i (no TIS), α_i·n_i·w_i (sequence / geometric TIS), α_i·U_i (token TIS)
 //                 (luspo: α = 1/B, so g_t = −s_i Â_i m_t / B inside the clip range: length-unbiased)
 //     KL (β > 0)  g_t += β a_t dKL/dlogp_t   with k1: 1, k2: logp − ref, k3: 1 − e^{ref−logp}
 // Everything that needs other tokens of the sequence (s_i, n_i, W_i) is in the global sums, so the
@@ -48,7 +53,8 @@ namespace luspo {
 
 enum class Loss : int32_t { kGrpo = 0, kGspo = 1, kGspoToken = 2, kLuspo = 3 };
 enum class Agg : int32_t { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
-enum class Tis : int32_t { kNone = 0, kToken = 1, kSequence = 2 };
+enum class Tis : int32_t { kNone = 0, kToken = 1, kSequence = 2, kGeometric = 3 };
+enum class TisMode : int32_t { kTruncate = 0, kMask = 1 };
 enum class Kl : int32_t { kNone = 0, kK1 = 1, kK2 = 2, kK3 = 3 };
 // Element types of the raw buffers. Token arrays: float32/float64/bfloat16/float16; the mask may also be
 // uint8 (a bool tensor viewed as bytes). Sums, table and advantages are in the accumulation type
@@ -60,7 +66,9 @@ struct LossParams {
   Agg agg = Agg::kSeqMeanTokenSum;
   Tis tis = Tis::kNone;
   Kl kl = Kl::kNone;  // kNone when there is no ref_logp (no KL metric either)
+  TisMode tis_mode = TisMode::kTruncate;
   double eps_lo = 0.0, eps_hi = 0.0, tis_clip = 1.0, kl_coef = 0.0;
+  double tis_lower = 0.0;      // lo of mask mode
   double num_sequences = 1.0;  // global B
   double num_tokens = -1.0;    // token-mean N; < 0: Σ_i n_i of this call (global over CP)
   double max_len = -1.0;       // L_max of seq-mean-token-sum-norm; < 0: max_i n_i of this call
@@ -71,7 +79,7 @@ struct LossParams {
 enum SumCol : int { kSumDelta = 0, kSumMask = 1, kSumTis = 2 };
 // Columns of the phase-2 per-sequence table [B, kNumTableCols]; the Python side sums them (in a fixed
 // order, so the result is deterministic) into the metrics. Columns up to kGradAbs are sums over this
-// rank's tokens; the last three are per-sequence values, identical on every CP rank.
+// rank's tokens, kTisRatioMax a max over them; the rest are per-sequence values, identical on every CP rank.
 enum TableCol : int {
   kPgLoss = 0,       // Σ_t a_t w_t pg_t
   kKlLoss,           // Σ_t a_t β KL_t (0 when β = 0)
@@ -79,14 +87,24 @@ enum TableCol : int {
   kAbsDelta,         // Σ_t m_t |δ_t|
   kClippedTokens,    // Σ_t m_t [clipped_t]   (sequence-level losses: the sequence's decision)
   kTisWeight,        // Σ_t m_t w_t
-  kTisClipped,       // Σ_t m_t [w_t ≥ C]
+  kTisTruncated,     // Σ_t m_t [ρ_t > C]          (token-level TIS, truncate mode)
+  kTisMasked,        // Σ_t m_t [ρ_t ∉ [lo, C]]    (token-level TIS, mask mode)
   kKl,               // Σ_t m_t KL_t
   kGradAbs,          // Σ_t |g_t| of the policy part (length-weight-share diagnostic)
+  kTisRatioMax,      // max_{t: m_t ≠ 0} ρ_t, 0 if none   (token-level TIS)
   kSeqClipped,       // [clipped_i]·[n_i > 0]     (sequence-level losses)
   kNonEmpty,         // [n_i > 0]
   kSeqRatio,         // s_i·[n_i > 0]
+  kSeqTisTruncated,  // [ρ_i > C]·[n_i > 0]          (sequence / geometric TIS, truncate mode)
+  kSeqTisMasked,     // [ρ_i ∉ [lo, C]]·[n_i > 0]    (sequence / geometric TIS, mask mode)
+  kSeqTisRatio,      // ρ_i·[n_i > 0]                (sequence / geometric TIS)
   kNumTableCols
 };
+// Columns [0, kNumTokenSums) are token sums; kTisRatioMax, right after them, is a token max.
+constexpr int kNumTokenSums = kGradAbs + 1;
+constexpr int kNumTokenCols = kTisRatioMax + 1;
+// log ρ is clamped above here before exp (algorithms/tis.py LOG_RATIO_MAX): e^80 ≈ 5.5e34 < FLT_MAX.
+constexpr double kLogRatioMax = 80.0;
 
 // The math below is compiled once per CPU instruction set (baseline and AVX2+FMA, see seq_logratio_avx2.cpp);
 // the inline namespace gives each build its own symbols, so the linker can never mix them up.
@@ -94,8 +112,10 @@ inline namespace LUSPO_ISA {
 
 LUSPO_HD bool is_sequence_level(Loss loss) { return loss == Loss::kGspo || loss == Loss::kLuspo; }
 
+LUSPO_HD bool is_sequence_tis(Tis tis) { return tis == Tis::kSequence || tis == Tis::kGeometric; }
+
 LUSPO_HD int num_sum_cols(const LossParams& p) {
-  const bool tis_col = p.tis == Tis::kSequence || (p.tis == Tis::kToken && is_sequence_level(p.loss));
+  const bool tis_col = is_sequence_tis(p.tis) || (p.tis == Tis::kToken && is_sequence_level(p.loss));
   return tis_col ? 3 : 2;
 }
 
@@ -142,11 +162,34 @@ LUSPO_HD Surrogate<acc> clipped_surrogate(acc ratio, acc adv, acc eps_lo, acc ep
   return {active ? clipped : unclipped, active};
 }
 
-// Token TIS weight w_t = min(e^{old−rollout}, C); it was truncated iff w_t ≥ C.
+// One importance weight from log ρ (tis.py tis_weights): ρ = e^{min(log ρ, kLogRatioMax)} (NaN stays NaN),
+// truncate w = min(ρ, C), mask w = ρ on [lo, C] else 0. Branch-free selects (vectorizable).
 template <class acc>
-LUSPO_HD acc token_tis_weight(acc old_logp, acc rollout_logp, acc clip) {
-  const acc e = lexp(old_logp - rollout_logp);
-  return e >= clip ? clip : e;
+struct TisTerm {
+  acc w;          // the weight
+  acc ratio;      // ρ before truncation / masking
+  acc truncated;  // 1: truncate mode and ρ > C
+  acc masked;     // 1: mask mode and ρ ∉ [lo, C]
+};
+
+template <class acc>
+LUSPO_HD TisTerm<acc> tis_term(acc log_ratio, bool mask_mode, acc clip, acc lower) {
+  const acc x = log_ratio > acc(kLogRatioMax) ? acc(kLogRatioMax) : log_ratio;
+  const acc e = lexp(x);
+  const bool above = e > clip;
+  const bool out = above || e < lower;  // inclusive bounds: e = lo or e = C is kept
+  TisTerm<acc> t;
+  t.ratio = e;
+  t.truncated = (!mask_mode && above) ? acc(1) : acc(0);
+  t.masked = (mask_mode && out) ? acc(1) : acc(0);
+  t.w = mask_mode ? (out ? acc(0) : e) : (above ? clip : e);
+  return t;
+}
+
+// Token TIS weight w_t from old_t − rollout_t under the call's mode.
+template <class acc>
+LUSPO_HD acc token_tis_weight(const LossParams& p, acc old_logp, acc rollout_logp) {
+  return tis_term<acc>(old_logp - rollout_logp, p.tis_mode == TisMode::kMask, acc(p.tis_clip), acc(p.tis_lower)).w;
 }
 
 // Normalisers that are global over the call (computed once from the global sums).
@@ -169,9 +212,10 @@ struct SeqCoef {
   acc n;        // n_i
   acc alpha;    // a_t = m_t·alpha
   acc s;        // s_i = exp(S_i / max(n_i, 1)); 1 for an empty sequence
-  acc tis_w;    // sequence-level TIS weight (1 otherwise)
-  bool tis_truncated;
-  acc tis_truncated_f;  // the same as 0/1
+  acc tis_w;    // sequence / geometric TIS weight w_i (1 otherwise)
+  acc tis_ratio;      // its ρ_i (1 otherwise)
+  acc tis_truncated;  // 0/1: ρ_i > C in truncate mode
+  acc tis_masked;     // 0/1: ρ_i ∉ [lo, C] in mask mode
   acc adv;      // Â_i (unused with per-token advantages)
   acc loss;     // ℓ_i of a sequence-ratio loss
   bool clipped; // its clip decision
@@ -194,13 +238,19 @@ LUSPO_HD SeqCoef<acc> sequence_coefficients(const LossParams& p, const acc* sums
   }
   c.s = lexp(sums_row[kSumDelta] / n1);
   c.tis_w = acc(1);
-  c.tis_truncated = false;
-  if (p.tis == Tis::kSequence) {
-    const acc e = lexp(sums_row[kSumTis] / n1);
-    c.tis_truncated = e >= acc(p.tis_clip);
-    c.tis_w = c.tis_truncated ? acc(p.tis_clip) : e;
+  c.tis_ratio = acc(1);
+  c.tis_truncated = acc(0);
+  c.tis_masked = acc(0);
+  if (is_sequence_tis(p.tis)) {
+    // sequence: log ρ_i = R_i (Π_t ρ_t);  geometric: log ρ_i = R_i / |y_i|
+    const acc log_rho = p.tis == Tis::kSequence ? sums_row[kSumTis] : sums_row[kSumTis] / n1;
+    const TisTerm<acc> t =
+        tis_term<acc>(log_rho, p.tis_mode == TisMode::kMask, acc(p.tis_clip), acc(p.tis_lower));
+    c.tis_w = t.w;
+    c.tis_ratio = t.ratio;
+    c.tis_truncated = t.truncated;
+    c.tis_masked = t.masked;
   }
-  c.tis_truncated_f = c.tis_truncated ? acc(1) : acc(0);
   c.adv = adv;
   c.loss = acc(0);
   c.clipped = false;
@@ -224,15 +274,13 @@ LUSPO_HD SeqCoef<acc> sequence_coefficients(const LossParams& p, const acc* sums
   return c;
 }
 
-// Per-token metric partial sums (table columns kPgLoss..kGradAbs).
-constexpr int kNumTokenCols = kGradAbs + 1;
-
-// What one response token contributes: ∂L/∂logp_t and its terms of the table columns kPgLoss..kGradAbs.
+// What one response token contributes: ∂L/∂logp_t and its terms of the table columns kPgLoss..kTisRatioMax.
 // A struct of scalars (not an array) so that the CPU loops keep it in vector registers.
 template <class acc>
 struct TokenTerms {
   acc grad;  // ∂L/∂logp_t, policy + KL part
-  acc pg_loss, kl_loss, tokens, abs_delta, clipped_tokens, tis_weight, tis_clipped, kl, grad_abs;
+  acc pg_loss, kl_loss, tokens, abs_delta, clipped_tokens, tis_weight, tis_truncated, tis_masked, kl, grad_abs;
+  acc tis_ratio;  // ρ_t (token-level TIS; 0 otherwise): the kTisRatioMax candidate
 };
 
 // One response token (m ≠ 0: the callers drop masked tokens, so garbage log-probs there cannot produce
@@ -245,13 +293,16 @@ LUSPO_HD TokenTerms<acc> token_step(const LossParams& p, const SeqCoef<acc>& c, 
   const acc a = m * c.alpha;
   // Scalars only below (no structs or out-pointers), and a select only on per-token conditions; per-sequence
   // flags enter as 0/1 multipliers: that is what the CPU vectorizer handles.
-  acc w = acc(1), tis_clipped = acc(0);
+  acc w = acc(1), tis_truncated = acc(0), tis_masked = acc(0), tis_ratio = acc(0);
   if (p.tis == Tis::kToken) {
-    w = token_tis_weight<acc>(old, rollout, acc(p.tis_clip));
-    tis_clipped = w >= acc(p.tis_clip) ? m : acc(0);
-  } else if (p.tis == Tis::kSequence) {
-    w = c.tis_w;
-    tis_clipped = m * c.tis_truncated_f;
+    const TisTerm<acc> t =
+        tis_term<acc>(old - rollout, p.tis_mode == TisMode::kMask, acc(p.tis_clip), acc(p.tis_lower));
+    w = t.w;
+    tis_truncated = m * t.truncated;
+    tis_masked = m * t.masked;
+    tis_ratio = t.ratio;
+  } else if (is_sequence_tis(p.tis)) {
+    w = c.tis_w;  // counted per sequence (sequence_table_cols), not per token
   }
   acc pg, grad, clipped_tokens;
   if (is_sequence_level(p.loss)) {
@@ -275,7 +326,9 @@ LUSPO_HD TokenTerms<acc> token_step(const LossParams& p, const SeqCoef<acc>& c, 
   out.abs_delta = m * lfabs(delta);
   out.clipped_tokens = clipped_tokens;
   out.tis_weight = m * w;
-  out.tis_clipped = tis_clipped;
+  out.tis_truncated = tis_truncated;
+  out.tis_masked = tis_masked;
+  out.tis_ratio = tis_ratio;
   out.kl = acc(0);
   out.kl_loss = acc(0);
   if (p.kl != Kl::kNone) {
@@ -303,7 +356,7 @@ LUSPO_HD TokenTerms<acc> token_step(const LossParams& p, const SeqCoef<acc>& c, 
   return out;
 }
 
-// sums[kPgLoss..kGradAbs] += the token's terms.
+// sums[kPgLoss..kGradAbs] += the token's terms; sums[kTisRatioMax] = max(·, ρ_t).
 template <class acc>
 LUSPO_HD void add_token_terms(acc* sums, const TokenTerms<acc>& t) {
   sums[kPgLoss] += t.pg_loss;
@@ -312,9 +365,11 @@ LUSPO_HD void add_token_terms(acc* sums, const TokenTerms<acc>& t) {
   sums[kAbsDelta] += t.abs_delta;
   sums[kClippedTokens] += t.clipped_tokens;
   sums[kTisWeight] += t.tis_weight;
-  sums[kTisClipped] += t.tis_clipped;
+  sums[kTisTruncated] += t.tis_truncated;
+  sums[kTisMasked] += t.tis_masked;
   sums[kKl] += t.kl;
   sums[kGradAbs] += t.grad_abs;
+  sums[kTisRatioMax] = lmax<acc>(sums[kTisRatioMax], t.tis_ratio);
 }
 
 // Per-sequence table columns (identical on every CP rank).
@@ -324,6 +379,10 @@ LUSPO_HD void sequence_table_cols(const LossParams& p, const SeqCoef<acc>& c, ac
   row[kSeqClipped] = (is_sequence_level(p.loss) && c.clipped) ? nonempty : acc(0);
   row[kNonEmpty] = nonempty;
   row[kSeqRatio] = c.s * nonempty;
+  const acc seq_tis = is_sequence_tis(p.tis) ? nonempty : acc(0);
+  row[kSeqTisTruncated] = c.tis_truncated * seq_tis;
+  row[kSeqTisMasked] = c.tis_masked * seq_tis;
+  row[kSeqTisRatio] = c.tis_ratio * seq_tis;
 }
 
 }  // namespace LUSPO_ISA

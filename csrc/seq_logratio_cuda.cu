@@ -45,16 +45,25 @@ __device__ __forceinline__ void store(double* out, double v) { *out = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* out, float v) { *out = __float2bfloat16(v); }
 __device__ __forceinline__ void store(__half* out, float v) { *out = __float2half(v); }
 
-// Sum of N values over the block, in a fixed order (shuffle tree within warps, then warp 0 over the
-// warps' partials). The result is valid in thread 0. Called once per kernel.
-template <class acc_t, int N>
+// a + b, or max(a, b) for the column that holds a maximum (kMaxLast: the last of the N).
+template <class acc_t, int N, bool kMaxLast>
+__device__ __forceinline__ acc_t reduce_op(int j, acc_t a, acc_t b) {
+  return (kMaxLast && j == N - 1) ? (b > a ? b : a) : a + b;
+}
+
+// Sum (the last value: max, with kMaxLast) of N values over the block, in a fixed order (shuffle tree within
+// warps, then warp 0 over the warps' partials). The result is valid in thread 0. Called once per kernel.
+// Every value reduced by max is ≥ 0, so 0 is its neutral element.
+template <class acc_t, int N, bool kMaxLast = false>
 __device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
   __shared__ acc_t partial[N][kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v[j] += __shfl_down_sync(0xffffffffu, v[j], offset);
+    for (int offset = 16; offset > 0; offset /= 2) {
+      v[j] = reduce_op<acc_t, N, kMaxLast>(j, v[j], __shfl_down_sync(0xffffffffu, v[j], offset));
+    }
     if (lane == 0) partial[j][warp] = v[j];
   }
   __syncthreads();
@@ -63,7 +72,9 @@ __device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
     for (int j = 0; j < N; ++j) {
       v[j] = lane < kWarps ? partial[j][lane] : acc_t(0);
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) v[j] += __shfl_down_sync(0xffffffffu, v[j], offset);
+      for (int offset = 16; offset > 0; offset /= 2) {
+        v[j] = reduce_op<acc_t, N, kMaxLast>(j, v[j], __shfl_down_sync(0xffffffffu, v[j], offset));
+      }
     }
   }
 }
@@ -89,9 +100,8 @@ __global__ void __launch_bounds__(kThreads) phase1_kernel(Problem pr, int pieces
   const LossParams& p = pr.params;
   const int k = num_sum_cols(p);
   const bool need_delta = p.loss != Loss::kGrpo;
-  const bool seq_tis = p.tis == Tis::kSequence;
+  const bool seq_tis = is_sequence_tis(p.tis);
   const bool token_tis_col = k == 3 && !seq_tis;
-  const acc_t clip = acc_t(p.tis_clip);
   const auto* lp = static_cast<const scalar_t*>(pr.logp);
   const auto* old = static_cast<const scalar_t*>(pr.old_logp);
   const auto* ro = static_cast<const scalar_t*>(pr.rollout_logp);
@@ -106,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) phase1_kernel(Problem pr, int pieces
     if (seq_tis) {
       s[kSumTis] += m * (acc_t(to_acc(old[t])) - acc_t(to_acc(ro[t])));
     } else if (token_tis_col) {
-      s[kSumTis] += m * token_tis_weight<acc_t>(to_acc(old[t]), to_acc(ro[t]), clip);
+      s[kSumTis] += m * token_tis_weight<acc_t>(p, to_acc(old[t]), to_acc(ro[t]));
     }
   }
   block_sum<acc_t, 3>(s);
@@ -115,16 +125,24 @@ __global__ void __launch_bounds__(kThreads) phase1_kernel(Problem pr, int pieces
   }
 }
 
-// out[i, j] = Σ_c partial[i, c, j] in piece order (deterministic), for j < cols; out has out_cols columns.
+// out[i, j] = Σ_c partial[i, c, j] in piece order (deterministic), for j < cols, except column max_col (if ≥ 0):
+// the max over the pieces (of values ≥ 0); out has out_cols columns.
 template <class acc_t>
 __global__ void combine_pieces_kernel(const acc_t* partial, int64_t num_seqs, int pieces, int cols, int out_cols,
-                                      acc_t* out) {
+                                      int max_col, acc_t* out) {
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (idx >= num_seqs * cols) return;
   const int64_t i = idx / cols;
   const int j = int(idx % cols);
   acc_t v = acc_t(0);
-  for (int c = 0; c < pieces; ++c) v += partial[(i * pieces + c) * cols + j];
+  if (j == max_col) {
+    for (int c = 0; c < pieces; ++c) {
+      const acc_t x = partial[(i * pieces + c) * cols + j];
+      v = x > v ? x : v;
+    }
+  } else {
+    for (int c = 0; c < pieces; ++c) v += partial[(i * pieces + c) * cols + j];
+  }
   out[i * out_cols + j] = v;
 }
 
@@ -185,7 +203,8 @@ __global__ void __launch_bounds__(kThreads)
     add_token_terms<acc_t>(acc, tt);
     if (grad) store(grad + t, tt.grad * scale);
   }
-  block_sum<acc_t, kNumTokenCols>(acc);
+  static_assert(kTisRatioMax == kNumTokenCols - 1, "the token max is the last token column");
+  block_sum<acc_t, kNumTokenCols, true>(acc);
   if (threadIdx.x == 0) {
     for (int j = 0; j < kNumTokenCols; ++j) partial[blockIdx.x * int64_t(kNumTokenCols) + j] = acc[j];
     if (piece.index == 0) sequence_table_cols<acc_t>(p, c, table + piece.seq * kNumTableCols);
@@ -234,7 +253,7 @@ cudaError_t launch_phase1(const Problem& pr, acc_t* sums, void* workspace, cudaS
   phase1_kernel<scalar_t, mask_t, acc_t><<<unsigned(blocks), kThreads, 0, stream>>>(pr, pieces, partial);
   const int64_t combine = pr.num_seqs * k;
   combine_pieces_kernel<acc_t><<<unsigned((combine + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      partial, pr.num_seqs, pieces, k, k, sums);
+      partial, pr.num_seqs, pieces, k, k, -1, sums);
   return cudaGetLastError();
 }
 
@@ -251,7 +270,7 @@ cudaError_t launch_phase2(const Problem& pr, const acc_t* sums, acc_t* table, sc
       <<<unsigned(blocks), kThreads, 0, stream>>>(pr, pieces, sums, globals, grad_scale, partial, table, grad);
   const int64_t combine = pr.num_seqs * kNumTokenCols;
   combine_pieces_kernel<acc_t><<<unsigned((combine + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      partial, pr.num_seqs, pieces, kNumTokenCols, kNumTableCols, table);
+      partial, pr.num_seqs, pieces, kNumTokenCols, kNumTableCols, kTisRatioMax, table);
   if (grad) {
     const int64_t want = (pr.num_tokens + kThreads - 1) / kThreads;
     const int64_t cap = int64_t(2) * sm_count(device);

@@ -11,7 +11,8 @@ Notation (per packed token t of sequence i): m_t the loss mask, δ_t = logp_t �
     ℓ = −min(ratio · Â, clip(ratio, 1 − ε_lo, 1 + ε_hi) · Â)    (PPO clip; clip-higher ε_hi)
 
 Every loss is written as a per-token term, then aggregated. The term is the policy part (times the
-TIS weight w when on), plus β·KL_t, minus c·H_t:
+importance weight w against the rollout engine when ``use_tis``: algorithms/tis.py, per token or per
+sequence, truncated or masked), plus β·KL_t, minus c·H_t:
 
     grpo        agg ∈ token-mean           Σ m·term / N_tokens (global)
                       seq-mean-token-mean  (1/B) Σ_i (1/|y_i|) Σ_t m·term
@@ -37,7 +38,7 @@ import torch
 
 from luspo_megatron.algorithms import metrics as metrics_lib
 from luspo_megatron.algorithms.kl import kl_estimate
-from luspo_megatron.algorithms.tis import sequence_tis_weights, token_tis_weights
+from luspo_megatron.algorithms.tis import SEQUENCE_TIS_LEVELS, sequence_log_ratio, tis_weights
 
 # The loss options are configuration: named, defaulted and validated in config/loss.py; handed on here.
 from luspo_megatron.config.loss import AGG_MODES, DEFAULT_CLIPS, LOSS_NAMES, SEQUENCE_RATIO_LOSSES, LossConfig
@@ -158,12 +159,10 @@ def _policy_loss_reference(
     mask = loss_mask.to(dtype) * (seg < num_seqs)  # padding past cu_seqlens[-1] is never a response token
     rollout = rollout_logp.to(dtype) if rollout_logp is not None else None
 
+    seq_tis = config.use_tis and config.tis_level in SEQUENCE_TIS_LEVELS
     # One segment reduction: Σ m·δ, |y_i| and Σ m·(old − rollout), global over CP.
-    sums = seq_logratio_reference(
-        logp, old_logp, mask, cu_seqlens,
-        rollout_logp=rollout if (config.use_tis and config.tis_level == "sequence") else None,
-        cp_group=cp_group,
-    )
+    sums = seq_logratio_reference(logp, old_logp, mask, cu_seqlens, rollout_logp=rollout if seq_tis else None,
+                                  cp_group=cp_group)
     seq_len = sums.num_tokens  # [B], |y_i|
     seq_len_t = _per_token(seq_len, seg)
     adv = advantages.to(dtype)
@@ -189,15 +188,17 @@ def _policy_loss_reference(
         pg_t = _per_token(surrogate.loss, seg)
         clipped_t = _per_token(surrogate.clipped, seg)
 
-    tis_w_t = None
+    tis_w_t = tis = None
     if config.use_tis:
-        if config.tis_level == "token":
-            tis_w_t = token_tis_weights(old_logp, rollout, config.tis_clip)
-        else:
-            tis_w_t = _per_token(
-                sequence_tis_weights(sums.sum_rollout_log_ratio, seq_len, config.tis_clip), seg
-            )
-        pg_t = pg_t * tis_w_t
+        if seq_tis:  # one weight per sequence: ρ_i from Σ_t m_t (old − rollout), global over CP
+            log_rho = sequence_log_ratio(sums.sum_rollout_log_ratio, seq_len, config.tis_level)  # [B]
+            tis = tis_weights(log_rho, config.tis_mode, config.tis_clip, config.tis_lower)
+            tis_w_t = _per_token(tis.weight, seg)
+        else:  # ρ_t = exp(old_t − rollout_t); prompt and padding tokens read 0 (their garbage never enters)
+            log_rho_t = torch.where(mask > 0, old_logp - rollout, torch.zeros_like(old_logp))  # [T]
+            tis = tis_weights(log_rho_t, config.tis_mode, config.tis_clip, config.tis_lower)
+            tis_w_t = tis.weight
+        pg_t = pg_t * tis_w_t  # w_t · ℓ: the weight multiplies the policy term only
 
     term_t = pg_t
     kl_t = None
@@ -242,6 +243,7 @@ def _policy_loss_reference(
             seq_clipped=surrogate.clipped if config.sequence_level else None,
             grad_weight_t=grad_t.abs(),
             tis_w_t=tis_w_t,
+            tis=tis,
             kl_t=kl_t,
             entropy_t=entropy_t,
             cp_group=cp_group,
@@ -280,6 +282,8 @@ def _policy_loss_fused(
         max_len=float(config.max_response_len) if config.max_response_len is not None else -1.0,
         tis_level=config.tis_level if config.use_tis else "none",
         tis_clip=config.tis_clip,
+        tis_mode=config.tis_mode,
+        tis_lower=config.tis_lower if config.tis_lower is not None else 0.0,
         kl_type=config.kl_type if ref_logp is not None else "none",
         kl_coef=config.kl_coef,
     )

@@ -1,22 +1,41 @@
 """Step metrics of docs/design.md §2, and how to combine them across micro-batches and ranks.
 
 Every metric is a plain float. Means carry the count they average over (``num_tokens`` for token
-means, ``num_seqs`` for sequence means) so that ``reduce_metrics`` can combine micro-batches
-exactly; ``loss`` and ``pg_loss`` are already fractions of the global step loss and add up.
+means, ``num_seqs`` for sequence means, ``tis_num_terms`` for the TIS fractions) so that
+``reduce_metrics`` can combine micro-batches exactly; ``loss`` and ``pg_loss`` are already fractions
+of the global step loss and add up; maxima combine by max.
+
+Importance correction (``use_tis``, algorithms/tis.py), over the terms of the configured level (response
+tokens at token level, non-empty sequences at sequence / geometric level):
+
+    tis_weight_mean     token mean of w
+    tis_truncated_frac  fraction of terms with ρ > C (truncate mode)
+    tis_masked_frac     fraction of terms with ρ ∉ [lo, C] (mask mode)
+    tis_ratio_max       max ρ (before truncation or masking; log ρ clamped at tis.LOG_RATIO_MAX)
+    tis_num_terms       the count the two fractions average over (with CP > 1 at a sequence level,
+                        every CP rank counts the same sequences)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
+from luspo_megatron.algorithms.mismatch import PARTIAL_MAX_KEYS, PARTIAL_SUM_KEYS
 from luspo_megatron.config.loss import LossConfig
 
+if TYPE_CHECKING:
+    from luspo_megatron.algorithms.tis import TisWeights
+
 # How each key combines over micro-batches / ranks: summed, or averaged weighted by a count key.
-SUMMED = ("loss", "pg_loss", "num_tokens", "num_seqs", "num_empty_seqs", "num_clipped")
-TOKEN_MEANS = ("mean_abs_log_ratio", "kl", "entropy", "tis_weight_mean", "tis_clip_frac", "token_clip_frac")
+SUMMED = ("loss", "pg_loss", "num_tokens", "num_seqs", "num_empty_seqs", "num_clipped", "tis_num_terms",
+          *PARTIAL_SUM_KEYS)
+TOKEN_MEANS = ("mean_abs_log_ratio", "kl", "entropy", "tis_weight_mean", "token_clip_frac")
 SEQ_MEANS = ("clip_frac", "seq_ratio_mean", "length_weight_share")
+TIS_TERM_MEANS = ("tis_truncated_frac", "tis_masked_frac")  # weighted by tis_num_terms
+MAXED = ("tis_ratio_max", *PARTIAL_MAX_KEYS)
 
 
 def length_weight_share(seq_grad_weight: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
@@ -51,9 +70,11 @@ def policy_loss_metrics(
     tis_w_t: torch.Tensor | None,
     kl_t: torch.Tensor | None,
     entropy_t: torch.Tensor | None,
+    tis: "TisWeights | None" = None,
     cp_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> dict[str, float]:
-    """Metrics of one ``policy_loss`` call (local tokens; sequence lengths are CP-global).
+    """Metrics of one ``policy_loss`` call (local tokens; sequence lengths are CP-global). ``tis``: the
+    importance weights of the configured level, [T] at token level, [B] at a sequence level.
 
     Everything is computed as 0-dim tensors and moved to the host in one transfer."""
     num_seqs = seq_len.numel()
@@ -78,7 +99,14 @@ def policy_loss_metrics(
         out["clip_frac"] = out["token_clip_frac"]
     if tis_w_t is not None:
         out["tis_weight_mean"] = _masked_mean(tis_w_t, mask)
-        out["tis_clip_frac"] = _masked_mean((tis_w_t >= config.tis_clip).to(mask.dtype), mask)
+        # The terms: response tokens (weighted by m_t, like every token count) or non-empty sequences.
+        terms = mask if config.tis_level == "token" else nonempty
+        out["tis_num_terms"] = terms.sum()
+        out["tis_truncated_frac"] = _masked_mean(tis.truncated.to(mask.dtype), terms)
+        out["tis_masked_frac"] = _masked_mean(tis.masked.to(mask.dtype), terms)
+        # max over the terms; 0 when there is none (every ρ > 0, so 0 is neutral under max)
+        kept_ratio = torch.where(terms > 0, tis.ratio, torch.zeros_like(tis.ratio))
+        out["tis_ratio_max"] = kept_ratio.max() if terms.numel() else mask.new_zeros(())
     if kl_t is not None:
         out["kl"] = _masked_mean(kl_t, mask)
     if entropy_t is not None:
@@ -133,7 +161,16 @@ def metrics_from_table(
         out["clip_frac"] = out["token_clip_frac"]
     if config.use_tis:
         out["tis_weight_mean"] = token_mean("tis_weight")
-        out["tis_clip_frac"] = token_mean("tis_clipped")
+        if config.tis_level == "token":  # per-token sums and a per-token max
+            terms, truncated, masked = tokens, col["tis_truncated"], col["tis_masked"]
+            ratio_max = table[:, COL["tis_ratio_max"]]
+        else:  # per-sequence flags (already × [n_i > 0])
+            terms, truncated, masked = n_nonempty, col["seq_tis_truncated"], col["seq_tis_masked"]
+            ratio_max = table[:, COL["seq_tis_ratio"]]
+        out["tis_num_terms"] = terms
+        out["tis_truncated_frac"] = truncated / terms.clamp(min=1)
+        out["tis_masked_frac"] = masked / terms.clamp(min=1)
+        out["tis_ratio_max"] = ratio_max.max() if ratio_max.numel() else tokens.new_zeros(())
     if has_kl:
         out["kl"] = token_mean("kl")
     if entropy_mean is not None:
@@ -174,8 +211,8 @@ def rollout_metrics(
 def reduce_metrics(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Combine per-micro-batch (or per-rank) ``policy_loss`` metrics into step metrics.
 
-    Sums add; token means are weighted by ``num_tokens``; sequence means by ``num_seqs``.
-    Any other key is averaged with equal weight."""
+    Sums add; token means are weighted by ``num_tokens``; sequence means by ``num_seqs``; the TIS
+    fractions by ``tis_num_terms``; maxima take the max. Any other key is averaged with equal weight."""
     parts = list(parts)
     if not parts:
         return {}
@@ -186,7 +223,11 @@ def reduce_metrics(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
         if key in SUMMED:
             out[key] = sum(p[key] for p in present)
             continue
-        weight_key = "num_tokens" if key in TOKEN_MEANS else "num_seqs" if key in SEQ_MEANS else None
+        if key in MAXED:
+            out[key] = max(p[key] for p in present)
+            continue
+        weight_key = ("num_tokens" if key in TOKEN_MEANS else "num_seqs" if key in SEQ_MEANS
+                      else "tis_num_terms" if key in TIS_TERM_MEANS else None)
         weights = [p.get(weight_key, 1.0) if weight_key else 1.0 for p in present]
         total = sum(weights)
         out[key] = sum(w * p[key] for w, p in zip(weights, present)) / total if total > 0 else 0.0

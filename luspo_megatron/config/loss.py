@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from luspo_megatron.errors import ConfigError
 
 KL_TYPES = ("k1", "k2", "k3")  # estimators of KL(π_θ ‖ π_ref) per token (algorithms/kl.py)
-TIS_LEVELS = ("token", "sequence")
+# Importance correction against the rollout engine (algorithms/tis.py, docs/importance_sampling.md).
+TIS_LEVELS = ("token", "sequence", "geometric")
+TIS_MODES = ("truncate", "mask")
+SEQUENCE_TIS_LEVELS = ("sequence", "geometric")  # one weight per sequence
+
+
+def default_tis_lower(tis_clip: float) -> float:
+    """lo of mask mode when it is not given: 1/C, the symmetric bound of IcePop / slime / verl."""
+    return 1.0 / tis_clip
 
 
 def _invalid(name: str, rule: str) -> ConfigError:
@@ -44,9 +52,15 @@ class LossConfig:
     entropy_coef: float = 0.0
     """Entropy bonus coefficient c (the loss gets −c·H_t per token); 0 disables it."""
     use_tis: bool = False
+    """Importance correction against ``rollout_logp`` (algorithms/tis.py)."""
     tis_clip: float = 2.0
-    """C, the truncation of the TIS weight."""
+    """C: truncate caps the weight at C; mask zeroes terms whose ratio is above C."""
     tis_level: str = "token"
+    """token: ρ_t; sequence: ρ_i = Π_t ρ_t (TRL, verl); geometric: ρ_i = (Π_t ρ_t)^(1/|y_i|)."""
+    tis_mode: str = "truncate"
+    """truncate: w = min(ρ, C) (TIS); mask: w = ρ on [tis_lower, C], else 0 (MIS / IcePop)."""
+    tis_lower: float | None = None
+    """lo of mask mode (None: 1/C); unused by truncate."""
     max_response_len: int | None = None
     """L_max of seq-mean-token-sum-norm. None: the longest response of the call (not micro-batch
     invariant, so the trainer always sets it to the generation limit)."""
@@ -83,11 +97,20 @@ class LossConfig:
             raise _invalid("tis_level", f"expected one of {TIS_LEVELS}, got {self.tis_level!r}")
         if not self.tis_clip > 0:
             raise _invalid("tis_clip", f"expected > 0, got {self.tis_clip}")
+        if self.tis_mode not in TIS_MODES:
+            raise _invalid("tis_mode", f"expected one of {TIS_MODES}, got {self.tis_mode!r}")
+        tis_lower = self.tis_lower
+        if self.tis_mode == "mask":
+            tis_lower = default_tis_lower(self.tis_clip) if tis_lower is None else tis_lower
+            if not 0.0 < tis_lower < self.tis_clip:
+                raise _invalid("tis_lower", f"expected 0 < tis_lower < tis_clip = {self.tis_clip} for mask mode, "
+                                            f"got {tis_lower}")
         if self.max_response_len is not None and self.max_response_len < 1:
             raise _invalid("max_response_len", f"expected a positive int, got {self.max_response_len}")
         object.__setattr__(self, "eps_clip", float(eps_lo))
         object.__setattr__(self, "eps_clip_high", float(eps_hi))
         object.__setattr__(self, "agg", agg)
+        object.__setattr__(self, "tis_lower", None if tis_lower is None else float(tis_lower))
 
     @property
     def sequence_level(self) -> bool:

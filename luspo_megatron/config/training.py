@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from luspo_megatron.config.fields import check, flag_of, opt, positive
-from luspo_megatron.config.loss import AGG_MODES, KL_TYPES, LOSS_NAMES, TIS_LEVELS, LossConfig
+from luspo_megatron.config.loss import AGG_MODES, KL_TYPES, LOSS_NAMES, TIS_LEVELS, TIS_MODES, LossConfig
 from luspo_megatron.errors import ConfigError
 
 
@@ -23,10 +23,21 @@ class AlgorithmConfig:
     kl_coef: float = opt(0.0, "--kl-loss-coef", help="β of the KL penalty against the reference model.")
     kl_type: str = opt("k3", "--kl-loss-type", help="KL estimator.", choices=KL_TYPES)
     entropy_coef: float = opt(0.0, "--entropy-coef", help="Entropy bonus coefficient.")
-    use_tis: bool = opt(False, "--use-tis", help="Truncated importance sampling vs rollout log-probs.",
-                        action="store_true")
-    tis_clip: float = opt(2.0, "--tis-clip", help="TIS truncation C.")
-    tis_level: str = opt("token", "--tis-level", help="TIS weight per token or per sequence.", choices=TIS_LEVELS)
+    use_tis: bool = opt(
+        False, "--use-tis", action="store_true",
+        help="Importance correction against the rollout engine's log-probs (docs/importance_sampling.md).",
+    )
+    tis_clip: float = opt(2.0, "--tis-clip", help="Upper bound C of the importance weight.")
+    tis_level: str = opt(
+        "token", "--tis-level", choices=TIS_LEVELS,
+        help="token: ρ_t = exp(old_t − rollout_t); sequence: ρ_i = Π_t ρ_t (TRL, verl); "
+             "geometric: (Π_t ρ_t)^(1/|y_i|), length-normalised.",
+    )
+    tis_mode: str = opt(
+        "truncate", "--tis-mode", choices=TIS_MODES,
+        help="truncate: w = min(ρ, C) (TIS); mask: w = ρ on [--tis-lower, --tis-clip], else 0 (MIS / IcePop).",
+    )
+    tis_lower: float | None = opt(None, "--tis-lower", help="Lower bound of --tis-mode mask; default 1/--tis-clip.")
     advantage_estimator: str = opt("grpo", "--advantage-estimator", help="Advantage estimator.", choices=("grpo",))
     std_normalize: bool = opt(
         True, "--disable-grpo-std-normalization", help="Do not divide advantages by the group std (Dr.GRPO).",
@@ -63,7 +74,8 @@ class AlgorithmConfig:
         return LossConfig(
             name=self.loss, eps_clip=self.eps_clip, eps_clip_high=self.eps_clip_high, agg=self.agg,
             kl_coef=self.kl_coef, kl_type=self.kl_type, entropy_coef=self.entropy_coef, use_tis=self.use_tis,
-            tis_clip=self.tis_clip, tis_level=self.tis_level, max_response_len=max_response_len,
+            tis_clip=self.tis_clip, tis_level=self.tis_level, tis_mode=self.tis_mode, tis_lower=self.tis_lower,
+            max_response_len=max_response_len,
         )
 
 

@@ -17,12 +17,12 @@ import torch
 
 FORCE_REFERENCE_ENV = "LUSPO_FORCE_REFERENCE"
 SEQUENCE_LEVEL = ("gspo", "luspo")
-NUM_TABLE_COLS = 12  # csrc/seq_logratio.h, enum TableCol
+NUM_TABLE_COLS = 17  # csrc/seq_logratio.h, enum TableCol
 
 
 def num_sum_cols(loss: str, tis_level: str) -> int:
     """k of the phase-1 sums [B, k] (csrc/seq_logratio.h, num_sum_cols)."""
-    tis_col = tis_level == "sequence" or (tis_level == "token" and loss in SEQUENCE_LEVEL)
+    tis_col = tis_level in ("sequence", "geometric") or (tis_level == "token" and loss in SEQUENCE_LEVEL)
     return 3 if tis_col else 2
 
 
@@ -33,14 +33,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @functools.cache  # once per process, even if the extension is loaded again after a cache_clear
 def _register_fakes() -> None:
     @torch.library.register_fake("luspo::seq_logratio_phase1")
-    def _phase1(logp, old_logp, rollout_logp, loss_mask, cu_seqlens, loss, tis_level, tis_clip):
+    def _phase1(logp, old_logp, rollout_logp, loss_mask, cu_seqlens, loss, tis_level, tis_mode, tis_clip, tis_lower):
         k = num_sum_cols(loss, tis_level)
         return logp.new_empty((cu_seqlens.shape[0] - 1, k), dtype=_acc_dtype(logp.dtype))
 
     @torch.library.register_fake("luspo::seq_policy_loss_phase2")
     def _phase2(logp, old_logp, rollout_logp, ref_logp, loss_mask, cu_seqlens, advantages, sums, loss, agg,
-                tis_level, kl_type, eps_lo, eps_hi, tis_clip, kl_coef, num_sequences, num_tokens, max_len,
-                write_grad, grad_scale):
+                tis_level, tis_mode, kl_type, eps_lo, eps_hi, tis_clip, tis_lower, kl_coef, num_sequences, num_tokens,
+                max_len, write_grad, grad_scale):
         table = logp.new_empty((cu_seqlens.shape[0] - 1, NUM_TABLE_COLS), dtype=_acc_dtype(logp.dtype))
         grad = logp.new_empty((logp.shape[0] if write_grad else 0,))
         return table, grad

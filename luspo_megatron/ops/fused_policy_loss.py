@@ -41,8 +41,9 @@ from luspo_megatron.ops.segments import segment_ids
 
 # Columns of the per-sequence table (csrc/seq_logratio.h, enum TableCol).
 TABLE_COLUMNS = (
-    "pg_loss", "kl_loss", "tokens", "abs_delta", "clipped_tokens", "tis_weight", "tis_clipped", "kl",
-    "grad_abs", "seq_clipped", "nonempty", "seq_ratio",
+    "pg_loss", "kl_loss", "tokens", "abs_delta", "clipped_tokens", "tis_weight", "tis_truncated", "tis_masked", "kl",
+    "grad_abs", "tis_ratio_max", "seq_clipped", "nonempty", "seq_ratio", "seq_tis_truncated", "seq_tis_masked",
+    "seq_tis_ratio",
 )
 COL = {name: j for j, name in enumerate(TABLE_COLUMNS)}
 GRAD_MODES = ("store", "recompute")
@@ -64,8 +65,12 @@ class PolicyLossSpec:
     max_len: float = -1.0
     """L_max of seq-mean-token-sum-norm; < 0: max_i |y_i| of this call."""
     tis_level: str = "none"
-    """"none", "token" or "sequence"."""
+    """"none", "token", "sequence" or "geometric" (algorithms/tis.py)."""
     tis_clip: float = 1.0
+    tis_mode: str = "truncate"
+    """"truncate" or "mask"."""
+    tis_lower: float = 0.0
+    """lo of mask mode (0 < lo < tis_clip); unused by truncate."""
     kl_type: str = "none"
     """"none" (no ref_logp: no KL metric), "k1", "k2" or "k3"."""
     kl_coef: float = 0.0
@@ -75,7 +80,7 @@ class FusedPolicyLoss(NamedTuple):
     loss: torch.Tensor
     """0-dim, differentiable w.r.t. logp: Σ_t a_t (w_t·pg_t + β·KL_t) over this rank's tokens."""
     table: torch.Tensor
-    """[B, 12] per-sequence metric sums (TABLE_COLUMNS), no gradient."""
+    """[B, 17] per-sequence metric sums (TABLE_COLUMNS), no gradient."""
     sums: torch.Tensor
     """[B, k] global per-sequence sums: Σ m·δ, |y_i| (, the TIS column), no gradient."""
 
@@ -88,8 +93,8 @@ def _phase2(spec: PolicyLossSpec, inputs, sums, write_grad: bool, grad_scale):
     logp, old_logp, rollout_logp, ref_logp, mask, cu_seqlens, advantages = inputs
     return torch.ops.luspo.seq_policy_loss_phase2(
         logp, old_logp, rollout_logp, ref_logp, mask, cu_seqlens, advantages, sums,
-        spec.loss, spec.agg, spec.tis_level, spec.kl_type, spec.eps_lo, spec.eps_hi, spec.tis_clip, spec.kl_coef,
-        spec.num_sequences, spec.num_tokens, spec.max_len, write_grad, grad_scale,
+        spec.loss, spec.agg, spec.tis_level, spec.tis_mode, spec.kl_type, spec.eps_lo, spec.eps_hi, spec.tis_clip,
+        spec.tis_lower, spec.kl_coef, spec.num_sequences, spec.num_tokens, spec.max_len, write_grad, grad_scale,
     )
 
 
@@ -97,7 +102,8 @@ class _FusedPolicyLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, rollout_logp, ref_logp, mask, cu_seqlens, advantages, spec, cp_group, grad_mode):
         sums = torch.ops.luspo.seq_logratio_phase1(
-            logp, old_logp, rollout_logp, mask, cu_seqlens, spec.loss, spec.tis_level, spec.tis_clip
+            logp, old_logp, rollout_logp, mask, cu_seqlens, spec.loss, spec.tis_level, spec.tis_mode, spec.tis_clip,
+            spec.tis_lower,
         )
         if _cp_active(cp_group):
             torch.distributed.all_reduce(sums, group=cp_group)
@@ -198,7 +204,7 @@ class _SeqSumsFn(torch.autograd.Function):
     def forward(ctx, logp, old_logp, rollout_logp, mask, cu_seqlens, cp_group):
         sums = torch.ops.luspo.seq_logratio_phase1(
             logp, old_logp, rollout_logp, mask, cu_seqlens, "luspo",
-            "sequence" if rollout_logp is not None else "none", 1.0,
+            "sequence" if rollout_logp is not None else "none", "truncate", 1.0, 0.0,
         )
         if _cp_active(cp_group):
             torch.distributed.all_reduce(sums, group=cp_group)

@@ -16,6 +16,16 @@ def naive_kl(logp: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.exp(ref - logp) - (ref - logp) - 1.0  # k3
 
 
+def naive_tis_weight(log_ratio: float, mode: str, clip: float, lower: float | None) -> float:
+    """The importance weight of one term from its log-ratio, straight from the definitions:
+    truncate min(ρ, C); mask ρ if lo ≤ ρ ≤ C else 0 (lo defaults to 1/C). ρ = e^x may be inf here."""
+    rho = math.exp(log_ratio) if log_ratio < 700 else math.inf
+    if mode == "truncate":
+        return min(rho, clip)
+    lo = 1.0 / clip if lower is None else lower
+    return rho if lo <= rho <= clip else 0.0
+
+
 def naive_policy_loss(
     logp: torch.Tensor,
     old: torch.Tensor,
@@ -38,6 +48,8 @@ def naive_policy_loss(
     tis: str | None = None,
     tis_clip: float = 2.0,
     rollout: torch.Tensor | None = None,
+    tis_mode: str = "truncate",
+    tis_lower: float | None = None,
 ) -> torch.Tensor:
     B = num_sequences
     per_token_adv = adv.numel() != len(cu) - 1
@@ -51,8 +63,11 @@ def naive_policy_loss(
             continue  # an empty response contributes nothing (and must not be NaN)
         lp, o = logp[a:b], old[a:b]
         s = torch.exp(((lp - o) * m).sum() / n)
-        if tis == "sequence":
-            w_seq = min(math.exp(float(((o - rollout[a:b]) * m).sum()) / n), tis_clip)
+        if tis in ("sequence", "geometric"):
+            log_rho = sum(float(o[t] - rollout[a + t]) for t in range(b - a) if m[t] != 0)  # log Π_t ρ_t
+            if tis == "geometric":
+                log_rho /= n
+            w_seq = naive_tis_weight(log_rho, tis_mode, tis_clip, tis_lower)
         seq_sum = logp.new_zeros(())
         for t in range(b - a):
             if m[t] == 0:
@@ -66,8 +81,8 @@ def naive_policy_loss(
                 ratio = s
             term = -torch.minimum(ratio * A, torch.clamp(ratio, 1 - eps_lo, 1 + eps_hi) * A)
             if tis == "token":
-                term = term * min(math.exp(float(o[t] - rollout[a + t])), tis_clip)
-            elif tis == "sequence":
+                term = term * naive_tis_weight(float(o[t] - rollout[a + t]), tis_mode, tis_clip, tis_lower)
+            elif tis in ("sequence", "geometric"):
                 term = term * w_seq
             if kl_coef:
                 term = term + kl_coef * naive_kl(lp[t], ref[a + t], kl_type)

@@ -65,14 +65,25 @@ def random_packed_batch(
 
 
 # The option matrix every loss implementation is checked over (eager library and fused op alike).
+# The TIS bounds are chosen so that random_packed_batch's ratios (rollout = old + N(0, 0.3²) per token) fall on
+# both sides of them: some terms are truncated or masked, some are kept.
 OPTIONS = {
     "plain": {},
     "tis_token": {"use_tis": True, "tis_level": "token", "tis_clip": 1.5},
     "tis_sequence": {"use_tis": True, "tis_level": "sequence", "tis_clip": 1.5},
+    "tis_geometric": {"use_tis": True, "tis_level": "geometric", "tis_clip": 1.05},
+    "mis_token": {"use_tis": True, "tis_level": "token", "tis_mode": "mask", "tis_clip": 1.3, "tis_lower": 0.8},
+    "mis_sequence": {"use_tis": True, "tis_level": "sequence", "tis_mode": "mask", "tis_clip": 3.0},
+    "mis_geometric": {"use_tis": True, "tis_level": "geometric", "tis_mode": "mask", "tis_clip": 1.04,
+                      "tis_lower": 0.96},
     "kl_k1": {"kl_coef": 0.3, "kl_type": "k1"},
     "kl_k2": {"kl_coef": 0.3, "kl_type": "k2"},
     "kl_k3": {"kl_coef": 0.3, "kl_type": "k3"},
     "entropy": {"entropy_coef": 0.05},
-    "everything": {"use_tis": True, "tis_level": "token", "kl_coef": 0.1, "kl_type": "k3", "entropy_coef": 0.01},
+    "everything": {"use_tis": True, "tis_level": "token", "tis_clip": 1.5, "kl_coef": 0.1, "kl_type": "k3",
+                   "entropy_coef": 0.01},
+    "everything_mis": {"use_tis": True, "tis_level": "sequence", "tis_mode": "mask", "tis_clip": 2.0, "kl_coef": 0.1,
+                       "kl_type": "k2", "entropy_coef": 0.01},
 }
+TIS_OPTIONS = [name for name, opts in OPTIONS.items() if opts.get("use_tis")]
 CASES = [("grpo", agg) for agg in AGG_MODES] + [(name, None) for name in ("gspo", "gspo_token", "luspo")]

@@ -35,6 +35,7 @@ def _oracle(batch, cfg, logp, adv, num_sequences, num_tokens=None):
         kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, ref=batch.ref_logp,
         entropy_coef=cfg.entropy_coef, entropy=batch.entropy,
         tis=cfg.tis_level if cfg.use_tis else None, tis_clip=cfg.tis_clip, rollout=batch.rollout_logp,
+        tis_mode=cfg.tis_mode, tis_lower=cfg.tis_lower,
     )
 
 
@@ -44,6 +45,7 @@ def test_policy_loss_and_grad_equal_naive_oracle(name, agg, option):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{name}-{agg}-{option}".encode()))
     cfg = LossConfig(name=name, agg=agg, max_response_len=64, **OPTIONS[option])
     clipped_seen = 0
+    tis_fracs = []
     for trial in range(4):
         batch = random_packed_batch(gen, num_seqs=int(torch.randint(1, 9, (1,), generator=gen)),
                                     ratio_noise=0.3 if name == "grpo" else 1e-2, trailing_pad=trial % 2 * 3)
@@ -64,15 +66,21 @@ def test_policy_loss_and_grad_equal_naive_oracle(name, agg, option):
         torch.testing.assert_close(logp.grad, ref_logp.grad, rtol=0, atol=TOL)
         assert metrics["loss"] == pytest.approx(float(loss.detach()), abs=1e-12)
         clipped_seen += metrics["num_clipped"] > 0
+        if cfg.use_tis:
+            tis_fracs.append(metrics["tis_masked_frac" if cfg.tis_mode == "mask" else "tis_truncated_frac"])
     if option == "plain":
         assert clipped_seen > 0, "the random batches never exercised the clipped branch"
+    if cfg.use_tis:  # the bounds cut: some terms were truncated / masked, some were kept
+        assert 0 < max(tis_fracs) and min(tis_fracs) < 1, tis_fracs
 
 
 @pytest.mark.parametrize("name,agg", CASES, ids=[f"{n}-{a}" if a else n for n, a in CASES])
 @pytest.mark.parametrize("num_micro", [2, 3, 5])
 def test_micro_batch_split_sums_to_full_batch_loss_and_grad(name, agg, num_micro):
     gen = torch.Generator().manual_seed(7 * num_micro)
-    cfg = LossConfig(name=name, agg=agg, max_response_len=50, use_tis=True, kl_coef=0.05, entropy_coef=0.01)
+    level = ("token", "sequence", "geometric")[num_micro % 3]
+    cfg = LossConfig(name=name, agg=agg, max_response_len=50, use_tis=True, tis_level=level,
+                     tis_mode="mask" if num_micro == 3 else "truncate", kl_coef=0.05, entropy_coef=0.01)
     batch = random_packed_batch(gen, num_seqs=10, ratio_noise=3e-3)
     B, N = batch.num_seqs, float(batch.loss_mask.sum())
 
@@ -93,7 +101,7 @@ def test_micro_batch_split_sums_to_full_batch_loss_and_grad(name, agg, num_micro
     torch.testing.assert_close(split_logp.grad, full_logp.grad, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("option", ["plain", "tis_sequence", "kl_k3"])
+@pytest.mark.parametrize("option", ["plain", "tis_sequence", "tis_geometric", "mis_sequence", "kl_k3"])
 def test_gspo_token_equals_gspo_with_per_sequence_advantages(option):
     gen = torch.Generator().manual_seed(11)
     for _ in range(5):
@@ -118,7 +126,7 @@ def _single_sequence_batches(lengths):
     return logp, torch.ones(total, dtype=torch.float64), cu
 
 
-@pytest.mark.parametrize("option", ["kl_k3", "tis_token", "entropy", "everything"])
+@pytest.mark.parametrize("option", ["kl_k3", "tis_token", "mis_token", "entropy", "everything"])
 def test_luspo_weights_sequences_by_length_not_length_squared(option):
     """With any token-level term present, LUSPO must stay (1/B) Σ_i Σ_t m_t (ℓ_i + token terms):
     per-token policy gradient −s_i·Â_i/B for every length, and token terms summed once per token."""
@@ -239,7 +247,8 @@ def test_metrics_kl_entropy_and_tis_are_masked_token_means():
     assert m["entropy"] == pytest.approx(2.0)
     w = [math.exp(0.5), min(math.exp(1.0), 2.0), math.exp(-0.5)]
     assert m["tis_weight_mean"] == pytest.approx(sum(w) / 3)
-    assert m["tis_clip_frac"] == pytest.approx(1 / 3)
+    assert m["tis_truncated_frac"] == pytest.approx(1 / 3) and m["tis_masked_frac"] == 0.0
+    assert m["tis_num_terms"] == 3.0 and m["tis_ratio_max"] == pytest.approx(math.exp(1.0))
 
 
 @pytest.mark.parametrize(
@@ -253,6 +262,10 @@ def test_metrics_kl_entropy_and_tis_are_masked_token_means():
         ({"name": "grpo", "kl_type": "k4"}, "kl_type"),
         ({"name": "grpo", "tis_level": "segment"}, "tis_level"),
         ({"name": "grpo", "tis_clip": 0.0}, "tis_clip"),
+        ({"name": "grpo", "tis_mode": "clip"}, "tis_mode"),
+        ({"name": "grpo", "tis_mode": "mask", "tis_clip": 2.0, "tis_lower": 2.0}, "tis_lower"),
+        ({"name": "grpo", "tis_mode": "mask", "tis_clip": 2.0, "tis_lower": 0.0}, "tis_lower"),
+        ({"name": "grpo", "tis_mode": "mask", "tis_clip": 0.5}, "tis_lower"),  # default lo = 1/C = 2 > C
         ({"name": "grpo", "kl_coef": -1.0}, "kl_coef"),
     ],
 )

@@ -10,11 +10,16 @@ from luspo_megatron.algorithms.metrics import reduce_metrics, rollout_metrics
 from tests.algorithms.packed import random_packed_batch
 
 
+@pytest.mark.parametrize("tis", [("token", "truncate"), ("sequence", "mask"), ("geometric", "truncate"),
+                                 ("token", "mask")], ids="-".join)
 @pytest.mark.parametrize("name", ["grpo", "luspo", "gspo"])
-def test_reduced_micro_batch_metrics_equal_full_batch_metrics(name):
+def test_reduced_micro_batch_metrics_equal_full_batch_metrics(name, tis):
     gen = torch.Generator().manual_seed(5)
     batch = random_packed_batch(gen, num_seqs=9, ratio_noise=1e-2)
-    cfg = LossConfig(name=name, use_tis=True, kl_coef=0.1, entropy_coef=0.01)
+    level, mode = tis
+    cfg = LossConfig(name=name, use_tis=True, tis_level=level, tis_mode=mode,
+                     tis_clip={"token": 1.3, "sequence": 2.0, "geometric": 1.05}[level], kl_coef=0.1,
+                     entropy_coef=0.01)
     kw = dict(num_sequences=9, num_tokens=float(batch.loss_mask.sum()))
 
     def run(lo, hi):
@@ -31,6 +36,8 @@ def test_reduced_micro_batch_metrics_equal_full_batch_metrics(name):
     # length_weight_share uses the median of the call's own sequences: not additive by design.
     for key in set(full) - {"length_weight_share"}:
         assert reduced[key] == pytest.approx(full[key], rel=1e-9, abs=1e-12), key
+    frac = full["tis_masked_frac" if mode == "mask" else "tis_truncated_frac"]
+    assert 0 < frac < 1 and len({p["tis_ratio_max"] for p in parts}) == 3  # the reduction had work to do
 
 
 def test_rollout_metrics_against_direct_values():

@@ -64,7 +64,10 @@ def _oracle(batch, cfg, adv, B, N=None):
         kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, ref=batch.ref_logp,
         entropy_coef=cfg.entropy_coef, entropy=batch.entropy,
         tis=cfg.tis_level if cfg.use_tis else None, tis_clip=cfg.tis_clip, rollout=batch.rollout_logp,
+        tis_mode=cfg.tis_mode, tis_lower=cfg.tis_lower,
     )
+    if not loss.requires_grad:  # no response token in the batch: the oracle's sum never touched logp
+        return loss.detach(), torch.zeros_like(logp)
     loss.backward()
     return loss.detach(), logp.grad
 
@@ -116,13 +119,21 @@ def trial_uses_fixed_len(option: str) -> bool:
     return option in ("plain", "tis_token", "kl_k1", "entropy")
 
 
-@pytest.mark.parametrize("option", ["everything", "tis_sequence_kl"])
+LONG_OPTIONS = {
+    "everything": OPTIONS["everything"],
+    "tis_geometric_kl": {"use_tis": True, "tis_level": "geometric", "tis_clip": 1.2, "kl_coef": 0.05, "kl_type": "k2"},
+    # Σ_t Δ_t over responses of up to 2000 tokens reaches |log ρ| ≈ 30: sequences are masked on both sides.
+    "mis_sequence_kl": {"use_tis": True, "tis_level": "sequence", "tis_mode": "mask", "tis_clip": 1e6,
+                        "kl_coef": 0.05, "kl_type": "k1"},
+    "mis_token": {"use_tis": True, "tis_level": "token", "tis_mode": "mask", "tis_clip": 1.3, "tis_lower": 0.8},
+}
+
+
+@pytest.mark.parametrize("option", list(LONG_OPTIONS))
 @pytest.mark.parametrize("name,agg", CASES, ids=CASE_IDS)
 def test_extension_equals_reference_on_1e5_tokens(name, agg, option, use_backend):
     gen = torch.Generator().manual_seed(zlib.crc32(f"long-{name}-{agg}-{option}".encode()))
-    opts = OPTIONS["everything"] if option == "everything" else {
-        "use_tis": True, "tis_level": "sequence", "tis_clip": 1.2, "kl_coef": 0.05, "kl_type": "k2"}
-    cfg = LossConfig(name=name, agg=agg, **opts)
+    cfg = LossConfig(name=name, agg=agg, **LONG_OPTIONS[option])
     batch = long_batch(gen, total_tokens=100_000, max_response=2000, ratio_noise=0.3 if name == "grpo" else 1e-2)
     assert batch.logp.numel() > 80_000 and (batch.cu_seqlens.diff() == 0).any()
     use_backend("cpp")
@@ -144,8 +155,11 @@ def _spec(name, agg=None, **kw) -> PolicyLossSpec:
 @pytest.mark.parametrize(
     "extra",
     [{}, {"tis_level": "token", "tis_clip": 1.3}, {"tis_level": "sequence", "tis_clip": 1.3},
+     {"tis_level": "geometric", "tis_clip": 1.01}, {"tis_level": "token", "tis_mode": "mask", "tis_clip": 1.3,
+                                                    "tis_lower": 0.8},
+     {"tis_level": "sequence", "tis_mode": "mask", "tis_clip": 1.5, "tis_lower": 0.7},
      {"kl_type": "k3", "kl_coef": 0.2}],
-    ids=["plain", "tis_token", "tis_seq", "kl"],
+    ids=["plain", "tis_token", "tis_seq", "tis_geo", "mis_token", "mis_seq", "kl"],
 )
 @pytest.mark.parametrize("name,agg", CASES, ids=CASE_IDS)
 def test_gradcheck_through_the_custom_op(name, agg, extra, grad_mode):
@@ -221,7 +235,8 @@ def test_padding_masked_tokens_and_empty_sequences_give_zero_never_nan(device):
     for name, agg in CASES:
         cfg = LossConfig(name=name, agg=agg)
         spec = PolicyLossSpec(loss=name, agg=cfg.agg, eps_lo=cfg.eps_clip, eps_hi=cfg.eps_clip_high, num_sequences=5,
-                              kl_type="k3", kl_coef=0.1, tis_level="sequence", tis_clip=2.0)
+                              kl_type="k3", kl_coef=0.1, tis_level="sequence", tis_clip=2.0, tis_mode="mask",
+                              tis_lower=0.5)
         x = logp.clone().requires_grad_(True)
         out = seq_policy_loss(x, old, mask, cu, adv, spec, rollout_logp=old, ref_logp=old)
         out.loss.backward()
@@ -277,14 +292,15 @@ def test_mixed_input_dtypes_are_read_in_the_accumulation_dtype(use_backend):
 def test_custom_ops_pass_torch_library_opcheck(device):
     gen = torch.Generator().manual_seed(2)
     batch = on(random_packed_batch(gen, num_seqs=4, trailing_pad=2), device)
-    phase1_args = (batch.logp, batch.old_logp, batch.rollout_logp, batch.loss_mask, batch.cu_seqlens, "luspo",
-                   "sequence", 2.0)
-    torch.library.opcheck(torch.ops.luspo.seq_logratio_phase1.default, phase1_args)
-    sums = torch.ops.luspo.seq_logratio_phase1(*phase1_args)
-    phase2_args = (batch.logp, batch.old_logp, batch.rollout_logp, batch.ref_logp, batch.loss_mask, batch.cu_seqlens,
-                   batch.adv_seq, sums, "luspo", "seq-mean-token-sum", "sequence", "k3", 2e-3, 2.5e-3, 2.0, 0.1, 4.0,
-                   -1.0, -1.0, True, None)
-    torch.library.opcheck(torch.ops.luspo.seq_policy_loss_phase2.default, phase2_args)
+    for level, mode in (("sequence", "truncate"), ("token", "mask")):
+        phase1_args = (batch.logp, batch.old_logp, batch.rollout_logp, batch.loss_mask, batch.cu_seqlens, "luspo",
+                       level, mode, 2.0, 0.5)
+        torch.library.opcheck(torch.ops.luspo.seq_logratio_phase1.default, phase1_args)
+        sums = torch.ops.luspo.seq_logratio_phase1(*phase1_args)
+        phase2_args = (batch.logp, batch.old_logp, batch.rollout_logp, batch.ref_logp, batch.loss_mask,
+                       batch.cu_seqlens, batch.adv_seq, sums, "luspo", "seq-mean-token-sum", level, mode, "k3", 2e-3,
+                       2.5e-3, 2.0, 0.5, 0.1, 4.0, -1.0, -1.0, True, None)
+        torch.library.opcheck(torch.ops.luspo.seq_policy_loss_phase2.default, phase2_args)
 
 
 def test_fused_loss_traces_under_torch_compile():
@@ -355,13 +371,15 @@ def test_baseline_and_avx2_builds_of_the_cpu_kernels_agree(name, agg, monkeypatc
         else:
             monkeypatch.delenv("LUSPO_CPU_ISA")
         for extra in ({"tis_level": "token", "tis_clip": 1.5, "kl_type": "k3", "kl_coef": 0.1},
-                      {"tis_level": "sequence", "tis_clip": 1.2, "kl_type": "k2", "kl_coef": 0.2}):
+                      {"tis_level": "token", "tis_mode": "mask", "tis_clip": 1.3, "tis_lower": 0.8},
+                      {"tis_level": "sequence", "tis_mode": "mask", "tis_clip": 3.0, "tis_lower": 0.3},
+                      {"tis_level": "geometric", "tis_clip": 1.2, "kl_type": "k2", "kl_coef": 0.2}):
             spec = _spec(name, agg, **extra)
             logp = batch.fresh_logp()
             out = seq_policy_loss(logp, batch.old_logp, batch.loss_mask, batch.cu_seqlens, batch.adv_seq, spec,
                                   rollout_logp=batch.rollout_logp, ref_logp=batch.ref_logp)
             out.loss.backward()
-            results[isa, extra["tis_level"]] = (out.loss.detach(), out.table, logp.grad)
-    for level in ("token", "sequence"):
-        for a, b in zip(results["base", level], results["default", level]):
+            results[isa, str(extra)] = (out.loss.detach(), out.table, logp.grad)
+    for key in {k for _, k in results}:
+        for a, b in zip(results["base", key], results["default", key]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

@@ -20,7 +20,9 @@ CASES = [("grpo", agg) for agg in AGG_MODES] + [(name, None) for name in ("gspo"
 OPTIONS = [
     {},
     {"use_tis": True, "tis_level": "token", "tis_clip": 1.5, "kl_coef": 0.1, "kl_type": "k3", "entropy_coef": 0.01},
-    {"use_tis": True, "tis_level": "sequence", "tis_clip": 1.2, "kl_coef": 0.2, "kl_type": "k2"},
+    {"use_tis": True, "tis_level": "geometric", "tis_clip": 1.2, "kl_coef": 0.2, "kl_type": "k2"},
+    {"use_tis": True, "tis_level": "sequence", "tis_mode": "mask", "tis_clip": 2.0},
+    {"use_tis": True, "tis_level": "token", "tis_mode": "mask", "tis_clip": 1.3, "tis_lower": 0.8},
 ]
 TOL = 1e-12
 
@@ -76,14 +78,24 @@ def _worker(rank: int, cp: int, init_file: str) -> None:
                     torch.testing.assert_close(grad[: index.numel()], full_grad[index], rtol=0, atol=TOL, msg=where)
                     assert (grad[index.numel():] == 0).all(), where
                     # Per-sequence diagnostics are CP-global: the same on every rank as in one process.
+                    seq_tis = cfg.use_tis and cfg.tis_level != "token"
                     for key in ("length_weight_share", "num_empty_seqs") + (
                         ("clip_frac", "seq_ratio_mean") if cfg.sequence_level else ()
-                    ):
+                    ) + (("tis_truncated_frac", "tis_masked_frac", "tis_ratio_max") if seq_tis else ()):
                         assert metrics[key] == pytest.approx(full_metrics[key], abs=1e-12), (where, key)
                     tokens = torch.tensor([metrics["num_tokens"], metrics["pg_loss"]], dtype=torch.float64)
                     dist.all_reduce(tokens)
                     assert tokens[0] == full_metrics["num_tokens"], where
                     assert float(tokens[1]) == pytest.approx(full_metrics["pg_loss"], abs=1e-12), where
+                    if cfg.use_tis and not seq_tis:  # token terms are split over the ranks: sums and a max
+                        counts = torch.tensor([metrics["tis_num_terms"] * metrics["tis_masked_frac"],
+                                               metrics["tis_num_terms"]], dtype=torch.float64)
+                        dist.all_reduce(counts)
+                        assert float(counts[0] / counts[1]) == pytest.approx(full_metrics["tis_masked_frac"],
+                                                                             abs=1e-12), where
+                        top = torch.tensor([metrics["tis_ratio_max"]], dtype=torch.float64)
+                        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+                        assert float(top) == pytest.approx(full_metrics["tis_ratio_max"], rel=1e-12), where
 
             # ops.seq_logratio under CP with a rank-dependent loss: its backward must all-reduce
             # ∂L/∂S. L = Σ_r (r+1)·Σ_i c_i S_i, so ∂L/∂logp_t = m_t·c_i·Σ_r (r+1) on every rank.
@@ -100,6 +112,9 @@ def _worker(rank: int, cp: int, init_file: str) -> None:
             seq_of = torch.repeat_interleave(torch.arange(B), (local_cu[1:] - local_cu[:-1]).long())
             expected = batch.loss_mask[index] * coef[seq_of] * sum(r + 1 for r in range(cp))
             torch.testing.assert_close(logp.grad[: index.numel()], expected, rtol=0, atol=TOL)
+        # A plain barrier last (on success): the collective before it may still be freed on gloo's worker thread,
+        # which needs the GIL and aborts the process if the interpreter is already exiting (torch race at exit).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
