@@ -34,9 +34,10 @@ accepts, refused here with one line naming the flag):
     --recompute-granularity selective     recompute core attention (megatron's default
                                           ``recompute_modules``) in every layer; no method, no count
     --recompute-granularity full          recompute whole layers, with
-        --recompute-method uniform        ... in chunks of --recompute-num-layers N layers (all layers)
-        --recompute-method block          ... only the first N layers of each pipeline stage
-        --recompute-num-layers N          1 ≤ N ≤ layers per pipeline stage
+        --recompute-method uniform        ... in chunks of --recompute-num-layers N layers (all layers;
+                                          N divides the layers of a pipeline stage / virtual stage)
+        --recompute-method block          ... only the first N layers of each pipeline (virtual) stage
+        --recompute-num-layers N          1 ≤ N ≤ layers per pipeline stage (per virtual stage)
     (no granularity)                      no recompute; method and count must be unset
 
 Full recompute re-runs the router in backward; with routing replay (R3) that replays the right
@@ -80,7 +81,7 @@ def grouped_experts_enabled(requested: bool | None, use_transformer_engine: bool
 
 
 def recompute_options(granularity: str | None, method: str | None, num_layers: int | None, *,
-                      layers_per_stage: int, routing_replay: bool = False, pipeline: int = 1) -> dict[str, Any]:
+                      layers_per_chunk: int, routing_replay: bool = False, pipeline: int = 1) -> dict[str, Any]:
     """The ``TransformerConfig`` recompute fields, after the checks of the module docstring."""
     def refuse(flag: str, rule: str, value: Any) -> ConfigError:
         return ConfigError(f"{flag}: expected {rule}, got {value!r}", field=flag[2:].replace("-", "_"))
@@ -102,9 +103,13 @@ def recompute_options(granularity: str | None, method: str | None, num_layers: i
         return {"recompute_granularity": "selective"}
     if method not in RECOMPUTE_METHODS:
         raise refuse("--recompute-method", f"one of {RECOMPUTE_METHODS} with --recompute-granularity full", method)
-    if not isinstance(num_layers, int) or not 1 <= num_layers <= layers_per_stage:
-        raise refuse("--recompute-num-layers", f"an integer in [1, {layers_per_stage}] (layers per pipeline stage) "
-                     "with --recompute-granularity full", num_layers)
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= layers_per_chunk:
+        raise refuse("--recompute-num-layers", f"an integer in [1, {layers_per_chunk}] (layers per pipeline stage "
+                     "and virtual stage) with --recompute-granularity full", num_layers)
+    if method == "uniform" and layers_per_chunk % num_layers:
+        # megatron's uniform loop checkpoints layers [i, i + N) and indexes past the last layer otherwise
+        raise refuse("--recompute-num-layers", f"a divisor of the {layers_per_chunk} layers per pipeline stage "
+                     "and virtual stage with --recompute-method uniform", num_layers)
     if routing_replay and pipeline > 1:
         raise refuse("--recompute-granularity", "selective or unset with --use-rollout-routing-replay and "
                      f"--pipeline-model-parallel-size {pipeline} (the replayed routing would be another "
@@ -144,7 +149,8 @@ def transformer_config(
     seq_parallel = sequence_parallel_enabled(arch, parallel)
     recompute = recompute_options(
         recompute_granularity, recompute_method, recompute_num_layers,
-        layers_per_stage=max(1, arch.num_layers // parallel.pipeline_model_parallel_size),
+        layers_per_chunk=max(1, arch.num_layers // (parallel.pipeline_model_parallel_size
+                                                   * (parallel.virtual_pipeline_model_parallel_size or 1))),
         routing_replay=routing_replay, pipeline=parallel.pipeline_model_parallel_size,
     )
     if seq_parallel and not parallel.sequence_parallel:
