@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import warnings
 
 import torch
@@ -41,6 +42,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from luspo_megatron.models.arch import QwenArch
 from luspo_megatron.models.attention import PackedDotProductAttention, check_backend
 from luspo_megatron.models.experts import GroupedExperts
+
+logger = logging.getLogger(__name__)
 
 
 def transformer_engine_available() -> bool:
@@ -96,6 +99,13 @@ def build_model(
         use_transformer_engine = transformer_engine_available()
     if not use_transformer_engine:
         check_backend(attention_backend, config)
+    experts = "none (dense)"
+    if arch.is_moe:
+        experts = ("Transformer Engine grouped GEMM" if use_transformer_engine
+                   else "grouped (torch grouped_mm)" if config.moe_grouped_gemm else "sequential (SequentialMLP)")
+    logger.info("building %s: %s spec, attention backend %s, experts %s", arch.family,
+                "Transformer Engine" if use_transformer_engine else "local",
+                "TE" if use_transformer_engine else attention_backend, experts)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if arch.vocab_size % tp:
         raise ValueError(f"vocab_size {arch.vocab_size} is not divisible by tp={tp}")
