@@ -17,6 +17,9 @@ into a sequential and a grouped GPTModel per layout: every local parameter equal
 export of both equal to the original tensors bit for bit, and the grouped model saved as a training
 checkpoint and exported back to HF (tools/convert_megatron_to_hf.py) bit for bit.
 
+``--device cuda`` (one process): the grouped experts in bf16 through the kernel against float64, next
+to the sequential ones in bf16 (benchmarks/gpu_check.sh runs it).
+
 Layout names: ep1 (dp over the processes), ep2, tp2etp1 (tp 2, expert-tp 1, sequence parallel),
 tp2etp2 (the experts sharded over tp too).
 """
@@ -70,7 +73,7 @@ def _moe_layer(arch, parallel, grouped: bool, dtype: torch.dtype):
                         layer_number=1)
 
 
-def _inputs(routing: str, dtype: torch.dtype):
+def _inputs(routing: str, dtype: torch.dtype, device: str = "cpu"):
     """This rank's MoE input [s, 1, H], upstream gradient and replayed top-2 experts (the same on every
     rank of a TP group before sequence-parallel scattering; different across DP/EP replicas)."""
     from megatron.core import parallel_state as ps
@@ -85,7 +88,7 @@ def _inputs(routing: str, dtype: torch.dtype):
     else:
         idx = torch.tensor([[0, 1]] * TOKENS)
     part = slice(tp_rank * TOKENS // tp, (tp_rank + 1) * TOKENS // tp)  # sequence parallel
-    return x[part].to(dtype), grad[part].to(dtype), idx[part]
+    return x[part].to(device, dtype), grad[part].to(device, dtype), idx[part]
 
 
 def _run(layer, x, grad, idx):
@@ -145,18 +148,57 @@ def moe_case(layout: str) -> dict:
             "float32_kernel": _compare(_run(grp32, x.float(), grad.float(), idx), want, relative=True),
             "routed_counts": counts.tolist(),
         }
-    # the experts module alone with zero tokens: empty output, zero weight gradients
-    h = arch.hidden_size
+    result["zero_tokens"] = _zero_tokens(arch, seq64, grp64, torch.float64, "cpu")
+    return result
+
+
+def _zero_tokens(arch, sequential, grouped, dtype, device) -> dict:
+    """The experts module alone with zero tokens: empty output, zero weight gradients."""
     outs = []
-    for layer in (seq64, grp64):
+    for layer in (sequential, grouped):
         layer.zero_grad(set_to_none=True)
-        x = torch.zeros(0, h, dtype=torch.float64, requires_grad=True)
+        x = torch.zeros(0, arch.hidden_size, dtype=dtype, device=device, requires_grad=True)
         y, _ = layer.experts(x, torch.zeros(layer.experts.num_local_experts, dtype=torch.long),
-                             torch.zeros(0, dtype=torch.float64))
+                             torch.zeros(0, dtype=dtype, device=device))
         y.sum().backward()
         grads = [p.grad for p in layer.experts.parameters()]
         outs.append((tuple(y.shape), all(g is not None and g.abs().max() == 0 for g in grads)))
-    result["zero_tokens"] = {"sequential": outs[0], "grouped": outs[1]}
+    return {"sequential": outs[0], "grouped": outs[1]}
+
+
+def moe_case_cuda() -> dict:
+    """One process on the GPU: the grouped experts in bf16 through the kernel, and the sequential ones in
+    bf16, both against the sequential ones in float64 (relative); zero-token experts; the stacked storage
+    after build_model's move to the GPU."""
+    from luspo_megatron.models.build import build_model
+    from luspo_megatron.models.experts import GroupedExperts
+    from luspo_megatron.models.megatron_config import transformer_config
+
+    arch = _arch()
+    parallel = _init("ep1")
+    seq64 = _moe_layer(arch, parallel, False, torch.float64)
+    seq16 = _moe_layer(arch, parallel, False, torch.bfloat16)
+    grp16 = _moe_layer(arch, parallel, True, torch.bfloat16)
+    state = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in seq64.state_dict().items()}
+    seq16.load_state_dict(state, strict=True)
+    grp16.load_state_dict(state, strict=True)
+    grp16.experts.mm_backend = "kernel"
+    result = {"device": torch.cuda.get_device_name(), "stacked": grp16.experts.weights_stacked(), "routings": {}}
+    for routing in ROUTINGS:
+        x, grad, idx = _inputs(routing, torch.float64, "cuda")
+        want = _run(seq64, x, grad, idx)
+        result["routings"][routing] = {
+            "bf16_kernel": _compare(_run(grp16, x.bfloat16(), grad.bfloat16(), idx), want, relative=True),
+            "bf16_sequential": _compare(_run(seq16, x.bfloat16(), grad.bfloat16(), idx), want, relative=True),
+            "routed_counts": torch.bincount(idx.flatten(), minlength=8).tolist(),
+        }
+    result["zero_tokens"] = _zero_tokens(arch, seq16, grp16, torch.bfloat16, "cuda")
+    config = transformer_config(arch, parallel, dtype="bf16", moe_grouped_gemm=True)
+    (model,) = build_model(arch, config, use_transformer_engine=False)
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    result["model_stacked"] = (len(experts), all(m.weights_stacked() for m in experts),
+                               next(model.parameters()).device.type)
     return result
 
 
@@ -237,9 +279,14 @@ def main() -> None:
     parser.add_argument("--layouts", default="ep1", help="MoE-layer layouts, comma-separated.")
     parser.add_argument("--model-layouts", default="", help="GPTModel layouts (needs --work), comma-separated.")
     parser.add_argument("--work", default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     cpu_compat.apply()
     torch.distributed.init_process_group("gloo")
+    if args.device == "cuda":  # one process: nothing is communicated (ep = tp = 1)
+        torch.save(moe_case_cuda(), args.out)
+        torch.distributed.destroy_process_group()
+        return
     moe = {layout: moe_case(layout) for layout in args.layouts.split(",") if layout}
     per_rank = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(per_rank, moe)

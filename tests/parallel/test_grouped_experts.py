@@ -10,6 +10,7 @@ must agree with the float64 sequential result to float32 precision. See grouped_
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.distributed import run_worker
 
@@ -68,3 +69,15 @@ def test_conversion_round_trip_and_export_with_grouped_experts_are_bit_identical
     assert entry["export_sequential_exact"] and entry["export_grouped_exact"]  # weight export (gather)
     assert entry["export_rc"] == 0 and entry["round_trip_exact"]  # saved by the grouped model, back to HF
     assert entry["num_tensors"] > 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_cuda_bf16_grouped_kernel_is_as_accurate_as_sequential_and_zeroes_empty_experts(tmp_path):
+    r = run_worker(WORKER, 1, tmp_path / "cuda.pt", ["--device", "cuda"], timeout=600)
+    assert r["stacked"] and r["model_stacked"][1] and r["model_stacked"][2] == "cuda"
+    for routing, entry in r["routings"].items():
+        grouped, sequential = entry["bf16_kernel"], entry["bf16_sequential"]
+        for key in ("out", "dx", "grads"):  # bf16 rounding, no worse than megatron's own bf16 experts
+            assert grouped[key] < max(3e-2, 2 * sequential[key]), (routing, key, grouped, sequential)
+        assert grouped["zero_expert_grads"] == sequential["zero_expert_grads"] > 0  # exactly zero, not garbage
+    assert r["zero_tokens"]["grouped"] == r["zero_tokens"]["sequential"] == ((0, 64), True)
