@@ -86,6 +86,11 @@ def varlen_function():
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=8)
+def _parameter_names(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, scale: float, fn=None) -> torch.Tensor:
     """Causal varlen attention, whatever this torch's ``varlen_attn`` signature: q [t, h, d],
@@ -93,7 +98,7 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     fn = fn or varlen_function()
     if fn is None:
         raise RuntimeError("torch.nn.attention.varlen.varlen_attn is not available in this torch")
-    names = inspect.signature(fn).parameters
+    names = _parameter_names(fn)
     kwargs = {}
     if "window_size" in names:  # torch ≥ 2.12: (-1, 0) is causal
         kwargs["window_size"] = (-1, 0)

@@ -153,6 +153,8 @@ class _Groups:
         if self.host and sum(self.counts) != total:
             raise ValueError(f"GroupedExperts: tokens_per_expert sums to {sum(self.counts)}, "
                              f"the permuted input has {total} rows")
+        if self.host and device.type == "cuda":
+            counts = counts.pin_memory()  # an asynchronous copy: no host sync
         self.device_counts = counts.to(device, non_blocking=True)
         self.offs = torch.cumsum(self.device_counts, 0).to(torch.int32)  # group g: rows offs[g-1]:offs[g]
 
@@ -164,9 +166,9 @@ class _Groups:
     def zero_empty_(self, grad_w: torch.Tensor) -> None:
         """dW = 0 for experts without tokens (some grouped-GEMM builds leave such slices unwritten)."""
         if self.counts is not None:
-            empty = [e for e, n in enumerate(self.counts) if n == 0]
-            if empty:
-                grad_w.index_fill_(0, torch.tensor(empty, device=grad_w.device), 0)
+            for e, n in enumerate(self.counts):
+                if n == 0:
+                    grad_w[e].zero_()  # only that expert's slice; no host-to-device index copy
         else:
             grad_w.masked_fill_((self.device_counts == 0)[:, None, None], 0)
 
