@@ -41,6 +41,7 @@ import functools
 import inspect
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -77,7 +78,7 @@ def zigzag_positions(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int
 
 
 # ------------------------------------------------------------------------------------------- varlen
-def varlen_function():
+def varlen_function() -> Callable[..., torch.Tensor] | None:
     """``torch.nn.attention.varlen.varlen_attn`` or None (torch < 2.10)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -92,7 +93,7 @@ def _parameter_names(fn) -> frozenset[str]:
 
 
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, scale: float, fn=None) -> torch.Tensor:
+                     max_seqlen: int, scale: float, fn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Causal varlen attention, whatever this torch's ``varlen_attn`` signature: q [t, h, d],
     k/v [t, g, d], ``cu_seqlens`` int32 [B+1] on the device -> [t, h, d]."""
     fn = fn or varlen_function()
