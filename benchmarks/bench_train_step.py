@@ -1,109 +1,133 @@
-"""Throughput of one RL training step of the Megatron-Core Qwen3-MoE policy, fused vs reference loss.
+"""Throughput of one RL training step of the Megatron-Core Qwen3-MoE policy, per variant of experts,
+attention backend and loss, in one run on one model and batch.
 
 What one step is: ``MegatronPolicy.train_step`` on a packed batch, i.e. Megatron's schedule over the
 micro-batches (forward, chunked vocab-parallel log-probs + entropy, the LUSPO loss, backward), then the
 optimizer step (grad norm, clip, AdamW) and the LR schedule. Single device, tp = ep = pp = cp = 1, world
 size 1 (torch.distributed is initialised here when not launched by torchrun: NCCL on CUDA, gloo on CPU).
-The model is built exactly as the trainer builds it (``MegatronPolicy.from_config`` on a Qwen3-MoE
-``config.json`` written to a temporary directory, weights from the transformers initialiser).
+The model is built as the trainer builds it (``MegatronPolicy.from_config`` on a Qwen3-MoE ``config.json``
+written to a temporary directory, the local spec with ``--moe-grouped-gemm``); its weights are drawn like
+the transformers initialiser (N(0, 0.02), norms 1), tensor by tensor on the device, so that a 30B-shaped
+model needs neither a host copy nor minutes of CPU initialisation.
+
+Shapes: the default is a mid-size Qwen3-MoE (hidden 1024, 8 layers, 32 experts top-4, expert FFN 512,
+16 / 4 heads of 128; 0.76 B parameters); ``--shape qwen3_30b_a3b`` is Qwen3-30B-A3B's layer (hidden 2048,
+32 query / 4 KV heads of 128, 128 experts top-8, expert FFN 768, vocab 151,936) with ``--layers N`` of
+its 48 layers, by default as many as fit this GPU (18 bytes per parameter: bf16 weight, fp32 gradient,
+fp32 main weight and two Adam moments, within 65 % of its memory); ``--quick`` is a tiny CPU smoke run.
+
+Variants (``--variants``, ``experts/attention/loss``), switched at run time on the same model:
+experts ``grouped`` (models/experts.py, torch grouped_mm) or ``sequential`` (megatron's SequentialMLP, the
+same parameters); attention backend ``auto|padded|causal|varlen|reference`` (models/attention.py); loss
+through the csrc extension (``fused``) or the pure-PyTorch ``reference``. Each variant first runs
+``--warmup`` untimed steps, then the timed steps go round-robin over the variants (reversed every other
+round), so drift hits all alike. Every step changes the weights (lr 1e-6, no warm-up), as in training.
 
 Batch: random token ids; sequences of random length (0.5–1.5 × ``--seq-len``, 20 % prompt, the loss mask
-on the response), packed into micro-batches of at most ``--micro-batch-tokens`` by the trainer's own
-``data.packing.pack_micro_batches``; GRPO group advantages of random 0/1 rewards (groups of 8). The old
-log-probs are the policy's own (one ``compute_logprobs`` forward of the same batch before timing) plus
-small per-token noise (``--old-logp-noise``), so ratios are ≈ 1 and some sequences clip, as in training.
+on the response), packed into micro-batches of at most ``--micro-batch-tokens`` by the trainer's
+``data.packing.pack_micro_batches``; GRPO group advantages of random 0/1 rewards (groups of 8). old_logp is
+the policy's own log-probs plus N(0, ``--old-logp-noise``²) per token, so ratios are ≈ 1 and some clip.
 
-Ablation, in the same process on the same model and batch: the loss through the csrc extension
-(``ops.backend()``: "cuda" on a GPU, "cpp" on a CPU) vs the pure-PyTorch reference
-(``LUSPO_FORCE_REFERENCE=1``, read at every call). Each variant first runs ``--warmup`` untimed steps,
-then the timed steps alternate between the two variants, so drift (clocks, allocator) hits both alike.
-Every step changes the weights (lr 1e-6, no warm-up), as in training.
-
-Reported per variant: median step time, tokens/s (all packed tokens, prompt included), the model FLOPs
-per token and the implied TFLOP/s, peak memory (``torch.cuda.max_memory_allocated`` over the timed
-steps on a GPU; the process's peak RSS ``ru_maxrss`` on a CPU, which includes building the model) and
-the loss of the variant's first step. Model FLOPs per token (fwd + bwd = 3 × fwd, 2 FLOPs per
+Reported per variant: median step time, tokens/s (all packed tokens, prompt included), model TFLOP/s,
+MFU = model TFLOP/s / the chip's dense bf16 peak (H100 and H200 SXM: 989 TFLOP/s; ``--peak-tflops``
+otherwise), peak memory (``torch.cuda.max_memory_allocated`` over the variant's timed steps; on a CPU the
+process's peak RSS) and the first step's loss. Model FLOPs per token (fwd + bwd = 3 × fwd, 2 FLOPs per
 multiply-add):
 
     6 · N_active + 12 · n_layers · n_heads · head_dim · c̄
 
-    N_active = the matmul weights one token meets: per layer q, k, v, o projections, the router
-               (H · E) and top-k of the experts' SwiGLU (3 · H · F_moe each) — or the dense MLP — plus
-               the output layer (H · V); the embedding lookup is not a matmul.
+    N_active = the matmul weights one token meets: per layer q, k, v, o projections, the router (H · E)
+               and top-k of the experts' SwiGLU (3 · H · F_moe each), plus the output layer (H · V); the
+               embedding lookup is not a matmul.
     c̄        = mean number of keys a token attends to (causal, within its sequence) = Σ L(L+1)/2 / Σ L.
 
-These are useful model FLOPs (as in MFU): the padded attention and the log-prob recompute are not
-counted.
+These are useful model FLOPs (as in MFU): padding, recomputation and the old-log-prob forward are not
+counted. Then one extra step per variant under torch.profiler (``--no-profile`` skips it), its time split
+into experts, attention, router/dispatch, log-probs + loss, optimizer and other (``step_profile.py``).
+The report file is rewritten after every timed round and every profiled variant: a run that stops early
+leaves what it measured.
 
-    python benchmarks/bench_train_step.py --out docs/bench/train_step.md   # GPU: a 0.76 B-param MoE
-    python benchmarks/bench_train_step.py --quick                          # tiny model: CPU smoke run
+    python benchmarks/bench_train_step.py --shape qwen3_30b_a3b --out docs/bench/train_step_30b_gpu.md
+    python benchmarks/bench_train_step.py --out docs/bench/train_step_gpu.md       # GPU, the 0.76 B MoE
+    python benchmarks/bench_train_step.py --quick                                  # tiny model: CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
-import resource
-import shlex
-import socket
-import statistics
 import sys
 import tempfile
 import time
-from datetime import date
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step_report import report, write_report  # noqa: E402
 
 GiB = 1024**3
 GROUP_SIZE = 8  # responses per prompt (GRPO groups)
 PROMPT_FRACTION = 0.2
 SEED = 1234
-VARIANTS = ("fused", "reference")
+BYTES_PER_PARAM = 18  # bf16 weight 2 + fp32 grad 4 + fp32 main weight 4 + Adam moments 8
+MEMORY_FRACTION = 0.65  # of the GPU for the 18 bytes/parameter; the rest: activations, log-prob chunks
 
-# The GPU default: a mid-size Qwen3-MoE (0.76 B parameters, 0.25 B active matmul weights per token) that fits one
-# 80 GB GPU with bf16 weights, fp32 main weights, fp32 grads and Adam moments (≈ 18 bytes / parameter).
-DEFAULT = dict(hidden=1024, layers=8, experts=32, topk=4, moe_ffn=512, heads=16, kv_heads=4, head_dim=128,
-               vocab=151936, tokens_per_step=16384, seq_len=1024, micro_batch_tokens=8192, steps=5, warmup=2)
-QUICK = dict(hidden=64, layers=2, experts=8, topk=2, moe_ffn=32, heads=4, kv_heads=2, head_dim=32,
-             vocab=2048, tokens_per_step=1024, seq_len=64, micro_batch_tokens=512, steps=2, warmup=1)
+SHAPES = {
+    "default": dict(hidden=1024, layers=8, experts=32, topk=4, moe_ffn=512, heads=16, kv_heads=4, head_dim=128,
+                    vocab=151936, tokens_per_step=16384, seq_len=1024, micro_batch_tokens=8192, steps=5, warmup=2),
+    "qwen3_30b_a3b": dict(hidden=2048, layers=None, experts=128, topk=8, moe_ffn=768, heads=32, kv_heads=4,
+                          head_dim=128, vocab=151936, tokens_per_step=16384, seq_len=1024,
+                          micro_batch_tokens=8192, steps=3, warmup=1),
+    "quick": dict(hidden=64, layers=2, experts=8, topk=2, moe_ffn=32, heads=4, kv_heads=2, head_dim=32,
+                  vocab=2048, tokens_per_step=1024, seq_len=64, micro_batch_tokens=512, steps=3, warmup=1),
+}
+EXPERTS = ("grouped", "sequential")
+ATTENTION = ("auto", "padded", "causal", "varlen", "reference")
+LOSSES = ("fused", "reference")
+GPU_VARIANTS = ("sequential/padded/fused", "sequential/auto/fused", "grouped/padded/fused", "grouped/causal/fused",
+                "grouped/varlen/fused", "grouped/auto/reference")
+CPU_VARIANTS = ("sequential/padded/fused", "grouped/padded/fused", "grouped/causal/fused",
+                "grouped/padded/reference")
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16, vendor datasheets (SXM)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="Tiny model, few tokens: a smoke run (CPU, < 1 min).")
-    p.add_argument("--hidden", type=int, help=f"Hidden size (default {DEFAULT['hidden']}).")
-    p.add_argument("--layers", type=int, help=f"Decoder layers, all MoE (default {DEFAULT['layers']}).")
-    p.add_argument("--experts", type=int, help=f"Experts per MoE layer (default {DEFAULT['experts']}).")
-    p.add_argument("--topk", type=int, help=f"Experts per token (default {DEFAULT['topk']}).")
-    p.add_argument("--moe-ffn", type=int, help=f"Expert intermediate size (default {DEFAULT['moe_ffn']}).")
-    p.add_argument("--heads", type=int, help=f"Attention heads (default {DEFAULT['heads']}).")
-    p.add_argument("--kv-heads", type=int, help=f"Key/value heads, GQA (default {DEFAULT['kv_heads']}).")
-    p.add_argument("--head-dim", type=int, help=f"Head dimension, explicit as Qwen3's (default {DEFAULT['head_dim']}).")
-    p.add_argument("--vocab", type=int, help=f"Vocabulary size (default {DEFAULT['vocab']}, Qwen3's).")
-    p.add_argument("--tokens-per-step", type=int, help="Packed tokens per optimizer step "
-                   f"(default {DEFAULT['tokens_per_step']}).")
-    p.add_argument("--seq-len", type=int, help=f"Mean sequence length (default {DEFAULT['seq_len']}).")
-    p.add_argument("--micro-batch-tokens", type=int, help="Token budget of a packed micro-batch "
-                   f"(default {DEFAULT['micro_batch_tokens']}).")
-    p.add_argument("--steps", type=int, help=f"Timed steps per variant (default {DEFAULT['steps']}).")
-    p.add_argument("--warmup", type=int, help=f"Untimed steps per variant first (default {DEFAULT['warmup']}).")
+    p.add_argument("--shape", choices=("default", "qwen3_30b_a3b"), default="default",
+                   help="Model preset (see the module docstring); the flags below override its fields.")
+    for key, text in (("hidden", "Hidden size"), ("layers", "Decoder layers, all MoE (30B shape: as many as fit)"),
+                      ("experts", "Experts per MoE layer"), ("topk", "Experts per token"),
+                      ("moe_ffn", "Expert intermediate size"), ("heads", "Attention heads"),
+                      ("kv_heads", "Key/value heads (GQA)"), ("head_dim", "Head dimension"),
+                      ("vocab", "Vocabulary size"), ("tokens_per_step", "Packed tokens per optimizer step"),
+                      ("seq_len", "Mean sequence length"), ("micro_batch_tokens", "Token budget of a micro-batch"),
+                      ("steps", "Timed steps per variant"), ("warmup", "Untimed steps per variant first")):
+        p.add_argument("--" + key.replace("_", "-"), type=int, help=text + ".")
+    p.add_argument("--variants", help="Comma-separated experts/attention/loss, e.g. grouped/varlen/fused "
+                   f"(default on CUDA: {','.join(GPU_VARIANTS)}; on a CPU: {','.join(CPU_VARIANTS)}).")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="Parameter dtype (default bf16 on CUDA, fp32 on CPU).")
+    p.add_argument("--peak-tflops", type=float, help="The chip's dense bf16 peak for MFU (default: by GPU name).")
+    p.add_argument("--no-profile", action="store_true", help="Skip the profiled step per variant.")
     p.add_argument("--old-logp-noise", type=float, default=0.05,
                    help="Std of the per-token noise added to the policy's own log-probs to make old_logp.")
-    p.add_argument("--out", help="Also write the markdown report to this file.")
+    p.add_argument("--out", help="Also write the markdown report to this file (rewritten as results come in).")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else DEFAULT
+    base = SHAPES["quick" if args.quick else args.shape]
+    args.shape_name = "quick" if args.quick else args.shape
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in base:
-        if getattr(args, key) < (0 if key == "warmup" else 1):
-            p.error(f"--{key.replace('_', '-')}: expected a positive integer, got {getattr(args, key)}")
+        value = getattr(args, key)
+        if value is not None and value < (0 if key == "warmup" else 1):
+            p.error(f"--{key.replace('_', '-')}: expected a positive integer, got {value}")
     if args.topk > args.experts:
         p.error(f"--topk: expected ≤ --experts ({args.experts}), got {args.topk}")
     if args.heads % args.kv_heads:
@@ -113,6 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{max_seq_len(args.seq_len)}), got {args.micro_batch_tokens}")
     if args.old_logp_noise < 0:
         p.error(f"--old-logp-noise: expected ≥ 0, got {args.old_logp_noise}")
+    if args.variants is not None:
+        args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        for v in args.variants:
+            parts = v.split("/")
+            if len(parts) != 3 or parts[0] not in EXPERTS or parts[1] not in ATTENTION or parts[2] not in LOSSES:
+                p.error(f"--variants: expected experts/attention/loss with experts in {EXPERTS}, attention in "
+                        f"{ATTENTION}, loss in {LOSSES}; got {v!r}")
     return args
 
 
@@ -120,23 +151,20 @@ def max_seq_len(seq_len: int) -> int:
     return max(2, (3 * seq_len) // 2)
 
 
-# --------------------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def set_single_process_env() -> None:
     """torchrun's variables for a world of one, unless a launcher set them (``init_parallel`` reads them)."""
-    # Megatron asks for one CUDA work queue so that communication kernels are issued in program order
-    # (it asserts it for TP/SP overlap); harmless here, and must be set before CUDA starts.
+    import socket
+
+    # Megatron asks for one CUDA work queue (issue order of communication kernels); set before CUDA starts.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if "RANK" in os.environ:
         return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(port))
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -152,24 +180,62 @@ def hf_config_of_args(args: argparse.Namespace) -> dict:
     )
 
 
-def build_policy(args: argparse.Namespace, hf_config: dict, model_dir: str, max_response_len: int):
-    """The trainer's path: a RunConfig whose ``--hf-checkpoint`` is a directory with the config.json,
-    weights from the transformers initialiser under the run seed (``initial_hf_state_dict``)."""
+def params_per_layer(args) -> tuple[int, int]:
+    """(parameters of one MoE layer, parameters outside the layers)."""
+    h = args.hidden
+    attention = h * (args.heads + 2 * args.kv_heads) * args.head_dim + args.heads * args.head_dim * h
+    layer = attention + h * args.experts + args.experts * 3 * h * args.moe_ffn + 2 * h + 2 * args.head_dim
+    return layer, 2 * args.vocab * h + h
+
+
+def fit_layers(args, total_bytes: int) -> int:
+    """As many layers as fit ``MEMORY_FRACTION`` of the GPU at ``BYTES_PER_PARAM`` (module docstring)."""
+    layer, fixed = params_per_layer(args)
+    return max(1, int((MEMORY_FRACTION * total_bytes / BYTES_PER_PARAM - fixed) // layer))
+
+
+def random_hf_source(hf_config: dict, seed: int, device):
+    """HF tensors (on-disk names) drawn on demand like the transformers initialiser: N(0, σ) for matrices,
+    1 for norm weights; each from its own generator (seed + CRC of the name), so nothing is held."""
+    import torch
+    import transformers
+
+    from luspo_megatron.models.arch import transformers_config
+    from luspo_megatron.models.hf_map import hf_live_to_disk
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers_config(hf_config), dtype=torch.float32)
+    shapes = {n: tuple(t.shape) for n, t in hf_live_to_disk(model.state_dict(),
+                                                             bool(hf_config.get("tie_word_embeddings"))).items()}
+    std = float(hf_config.get("initializer_range", 0.02))
+
+    def get(name: str):
+        if name not in shapes:
+            raise KeyError(f"missing tensor {name!r}")
+        if name.endswith("norm.weight"):
+            return torch.ones(shapes[name], device=device)
+        gen = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
+        return torch.randn(shapes[name], generator=gen, device=device) * std
+
+    return get
+
+
+def build_policy(args: argparse.Namespace, hf_config: dict, model_dir: str, max_response_len: int, device):
+    """The trainer's path: a RunConfig whose ``--hf-checkpoint`` is a directory with the config.json."""
     from luspo_megatron.config import config_from_dict
-    from luspo_megatron.models.initial import initial_hf_state_dict
     from luspo_megatron.parallel.policy import MegatronPolicy
 
     Path(model_dir, "config.json").write_text(json.dumps(hf_config, indent=1))
     config = config_from_dict({
         "seed": SEED,
-        "model": {"hf_checkpoint": model_dir, "dtype": args.dtype},
+        "model": {"hf_checkpoint": model_dir, "dtype": args.dtype, "moe_grouped_gemm": True},
         "rollout": {"max_response_len": max_response_len},
         "algorithm": {"loss": "luspo", "n_samples_per_prompt": GROUP_SIZE},
         "optimizer": {"lr": 1e-6, "lr_warmup_iters": 0, "max_tokens_per_micro_batch": args.micro_batch_tokens},
     }, source="bench_train_step")
-    total_steps = len(VARIANTS) * (args.warmup + args.steps)
-    weights = initial_hf_state_dict(hf_config, SEED)
-    return MegatronPolicy.from_config(config, total_steps=total_steps, hf_weights=weights)
+    total_steps = len(args.variants) * (args.warmup + args.steps + 1)
+    return MegatronPolicy.from_config(config, total_steps=total_steps,
+                                      hf_weights=random_hf_source(hf_config, SEED, device))
 
 
 def active_matmul_params(arch) -> int:
@@ -189,8 +255,8 @@ def active_matmul_params(arch) -> int:
 
 # -------------------------------------------------------------------------------------------- batch
 def make_batch(args: argparse.Namespace):
-    """Sequences (prompt ids, response ids) of exactly ``--tokens-per-step`` tokens in all, their count
-    a multiple of the group size, and their group advantages. Returns (sequences, advantages)."""
+    """Sequences of exactly ``--tokens-per-step`` tokens in all, their count a multiple of the group
+    size, and their group advantages. Returns (sequences, advantages)."""
     import torch
 
     from luspo_megatron.algorithms.advantages import group_advantages
@@ -245,145 +311,87 @@ def mean_attended_keys(sequences) -> float:
 
 
 # ------------------------------------------------------------------------------------------- timing
-def check_backend(variant: str, cuda: bool) -> None:
-    """The loss backend ``policy_loss`` will use must be the one the variant names: without the csrc
-    extension (or its CUDA kernels) both rows would silently time the reference."""
+def chunks_of(policy) -> list:
+    from megatron.core.utils import unwrap_model
+
+    return [unwrap_model(m) for m in policy.model]
+
+
+def select_variant(policy, variant: str, cuda: bool) -> None:
+    """Switch the model's experts and attention backend, and the loss backend, to ``variant``."""
+    from luspo_megatron.models.attention import set_attention_backend
+    from luspo_megatron.models.experts import set_expert_impl
     from luspo_megatron.ops import backend
-
-    expected = "reference" if variant == "reference" else ("cuda" if cuda else "cpp")
-    if backend() != expected:
-        raise RuntimeError(f"{variant} variant: the loss backend is {backend()!r}, expected {expected!r} (build "
-                           "luspo_megatron._C for this Python and device: pip install --no-build-isolation -e .)")
-
-
-def run_variant_step(policy, micro_batches, variant: str, cuda: bool) -> tuple[float, dict, int]:
-    """One train step with the loss backend of ``variant``: (seconds, metrics, peak bytes)."""
-    import torch
-
     from luspo_megatron.ops._extension import FORCE_REFERENCE_ENV
 
-    if variant == "reference":
+    experts, attention, loss = variant.split("/")
+    if set_expert_impl(chunks_of(policy), experts) == 0:
+        raise RuntimeError("the model has no GroupedExperts modules (built without --moe-grouped-gemm?)")
+    set_attention_backend(chunks_of(policy), attention)
+    if loss == "reference":
         os.environ[FORCE_REFERENCE_ENV] = "1"
     else:
         os.environ.pop(FORCE_REFERENCE_ENV, None)
-    try:
-        check_backend(variant, cuda)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        metrics = policy.train_step(micro_batches)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    finally:
-        os.environ.pop(FORCE_REFERENCE_ENV, None)
+    expected = "reference" if loss == "reference" else ("cuda" if cuda else "cpp")
+    if backend() != expected:
+        raise RuntimeError(f"{variant}: the loss backend is {backend()!r}, expected {expected!r} (build "
+                           "luspo_megatron._C for this Python and device: pip install --no-build-isolation -e .)")
+
+
+def run_step(policy, micro_batches, variant: str, cuda: bool) -> tuple[float, dict, int]:
+    """One train step of ``variant``: (seconds, metrics, peak bytes)."""
+    import resource
+
+    import torch
+
+    select_variant(policy, variant, cuda)
     if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    metrics = policy.train_step(micro_batches)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
     loss = metrics.get("loss", float("nan"))
-    if metrics.get("skipped", 0.0) or loss != loss or abs(loss) == float("inf"):
+    if metrics.get("skipped", 0.0) or not math.isfinite(loss):
         raise RuntimeError(f"{variant} step: non-finite loss or gradient (loss {loss}, "
                            f"grad_norm {metrics.get('grad_norm')}, skipped {metrics.get('skipped')})")
     return seconds, metrics, peak
 
 
-def benchmark(policy, micro_batches, args: argparse.Namespace, cuda: bool) -> dict[str, dict]:
-    results = {v: {"times": [], "peak": 0, "first": None} for v in VARIANTS}
-    for i in range(args.warmup):  # alternating too, so both variants' first steps see nearly the same weights
-        for variant in VARIANTS:
-            seconds, metrics, _ = run_variant_step(policy, micro_batches, variant, cuda)
+def benchmark(policy, micro_batches, args, cuda: bool, on_update) -> dict[str, dict]:
+    results = {v: {"times": [], "peak": 0, "first": None, "profile": None} for v in args.variants}
+    for variant in args.variants:
+        for i in range(args.warmup):
+            seconds, metrics, _ = run_step(policy, micro_batches, variant, cuda)
+            results[variant]["first"] = results[variant]["first"] or metrics
             print(f"  warm-up {variant} {i + 1}/{args.warmup}: {seconds:.3f} s  loss {metrics['loss']:.6g}",
                   flush=True)
-            if results[variant]["first"] is None:
-                results[variant]["first"] = metrics
     for i in range(args.steps):
-        for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
-            seconds, metrics, peak = run_variant_step(policy, micro_batches, variant, cuda)
+        for variant in args.variants if i % 2 == 0 else args.variants[::-1]:
+            seconds, metrics, peak = run_step(policy, micro_batches, variant, cuda)
             r = results[variant]
             r["times"].append(seconds)
             r["peak"] = max(r["peak"], peak)
-            if r["first"] is None:
-                r["first"] = metrics
+            r["first"] = r["first"] or metrics
             print(f"  step {i + 1}/{args.steps} {variant}: {seconds:.3f} s  loss {metrics['loss']:.6g}", flush=True)
+        on_update(results)
+    if not args.no_profile:
+        from step_profile import profile_step
+
+        for variant in args.variants:
+            select_variant(policy, variant, cuda)
+            try:
+                results[variant]["profile"] = profile_step(lambda: policy.train_step(micro_batches),
+                                                           chunks_of(policy), cuda)
+            except Exception as err:  # a profiler failure must not lose the timings above
+                results[variant]["profile"] = f"profile failed: {type(err).__name__}: {err}"
+            print(f"  profiled {variant}", flush=True)
+            on_update(results)
     return results
-
-
-# ------------------------------------------------------------------------------------------- report
-def environment_line(cuda: bool) -> str:
-    import megatron.core
-    import torch
-
-    if cuda:
-        device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    else:
-        device = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return (f"{device}, torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
-            f"Python {platform.python_version()}")
-
-
-def report(args, policy, sequences, micro_batches, results, cuda: bool, argv: list[str]) -> str:
-    arch = policy.arch
-    tokens = sum(int(mb.tokens.numel()) for mb in micro_batches)
-    response_tokens = sum(int(mb.loss_mask.sum()) for mb in micro_batches)
-    params = sum(p.numel() for chunk in policy.model for p in chunk.parameters())
-    active = active_matmul_params(arch)
-    c_bar = mean_attended_keys(sequences)
-    flops_per_token = 6 * active + 12 * arch.num_layers * arch.num_attention_heads * arch.head_dim * c_bar
-    fused_backend = "cuda" if cuda else "cpp"
-    command = "python benchmarks/bench_train_step.py " + " ".join(shlex.quote(a) for a in argv)
-    lines = [
-        "# Training-step throughput: MegatronPolicy.train_step, fused vs reference LUSPO loss",
-        "",
-        f"Command: `{command.strip()}`",
-        f"Device: {environment_line(cuda)}. Date: {date.today()}.",
-        "",
-        f"Model: Qwen3-MoE, hidden {arch.hidden_size}, {arch.num_layers} layers (all MoE), {arch.num_experts} "
-        f"experts top-{arch.moe_router_topk}, expert FFN {arch.moe_ffn_hidden_size}, {arch.num_attention_heads} "
-        f"heads / {arch.num_query_groups} KV heads × {arch.head_dim}, vocab {arch.vocab_size}; {args.dtype}; "
-        f"{params / 1e6:.1f} M parameters, {active / 1e6:.1f} M active matmul weights per token. "
-        f"Transformer Engine: {'yes' if policy.use_transformer_engine else 'no (local spec)'}. "
-        "Single device (tp = ep = pp = cp = 1).",
-        "",
-        f"Step: {tokens} packed tokens ({response_tokens} in the loss), {len(sequences)} sequences "
-        f"(mean length {tokens / len(sequences):.0f}), {len(micro_batches)} micro-batches of ≤ "
-        f"{args.micro_batch_tokens} tokens; LUSPO, lr 1e-6; {args.warmup} warm-up + {args.steps} timed steps "
-        "per variant, the timed ones alternating.",
-        "",
-        f"Model FLOPs per token = 6·N_active + 12·n_layers·n_heads·head_dim·c̄ = 6·{active:.4g} + "
-        f"12·{arch.num_layers}·{arch.num_attention_heads}·{arch.head_dim}·{c_bar:.1f} = {flops_per_token:.4g} "
-        "(c̄: mean keys attended per token, causal; padded attention and log-prob recompute not counted).",
-        "",
-        "| loss | backend | median step (s) | tokens/s | TFLOP/s (model) | peak memory (GiB) | loss, first step "
-        "| clip fraction, first step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    medians = {}
-    for variant in VARIANTS:
-        r = results[variant]
-        median = statistics.median(r["times"])
-        medians[variant] = median
-        tps = tokens / median
-        first = r["first"]
-        lines.append(
-            f"| {variant} | {fused_backend if variant == 'fused' else 'reference'} | {median:.4f} | {tps:,.0f} | "
-            f"{tps * flops_per_token / 1e12:.3g} | {r['peak'] / GiB:.2f} | {first['loss']:.6g} | "
-            f"{first.get('clip_frac', float('nan')):.3f} |"
-        )
-    ratio = medians["reference"] / medians["fused"]
-    memory = ("peak memory: torch.cuda.max_memory_allocated over each variant's timed steps" if cuda
-              else "peak memory: process peak RSS (ru_maxrss), including building the model; the same "
-                   "process runs both variants")
-    lines += [
-        "",
-        f"Step-time ratio reference / fused (same run): **{ratio:.3f}×** "
-        f"(> 1: the fused loss makes the step faster). Step times: "
-        + "; ".join(f"{v} " + ", ".join(f"{t:.3f}" for t in results[v]["times"]) + " s" for v in VARIANTS)
-        + f". {memory}.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -393,40 +401,51 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    if args.dtype is None:
-        args.dtype = "bf16" if cuda else "fp32"
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.variants is None:
+        args.variants = GPU_VARIANTS if cuda else CPU_VARIANTS
+    if not cuda and any(v.split("/")[1] == "varlen" for v in args.variants):
+        raise SystemExit("--variants: varlen attention needs CUDA")
+    if args.layers is None:
+        if not cuda:
+            raise SystemExit(f"--layers: needed for --shape {args.shape} without a GPU")
+        args.layers = fit_layers(args, torch.cuda.get_device_properties(0).total_memory)
+        args.layers_note = (f"{args.layers} (as many as fit: {BYTES_PER_PARAM} bytes/parameter within "
+                            f"{MEMORY_FRACTION:.0%} of the GPU's memory)")
+    if args.peak_tflops is None and cuda:
+        name = torch.cuda.get_device_name()
+        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    from train_step_report import environment_line
+
     from luspo_megatron.parallel.policy import resolve_transformer_engine
 
     te = resolve_transformer_engine(False)
-    print(f"bench_train_step: {environment_line(cuda)}; transformer engine: {te}", flush=True)
+    print(f"bench_train_step: {environment_line(cuda)}; transformer engine: {te}; layers {args.layers}", flush=True)
     if os.environ.get("LUSPO_FORCE_REFERENCE") == "1":
         raise RuntimeError("unset LUSPO_FORCE_REFERENCE: the benchmark sets it itself for the reference variant")
-    check_backend("fused", cuda)  # fail before the (slow) model build
 
     hf_config = hf_config_of_args(args)
     sequences, advantages = make_batch(args)
     max_response = max(len(s.response_ids) for s in sequences)
     with tempfile.TemporaryDirectory() as model_dir:
         start = time.perf_counter()
-        policy = build_policy(args, hf_config, model_dir, max_response)
+        policy = build_policy(args, hf_config, model_dir, max_response, "cuda" if cuda else "cpu")
         print(f"  model built in {time.perf_counter() - start:.1f} s", flush=True)
-    if cuda:
-        device = next(p.device for chunk in policy.model for p in chunk.parameters())
-        if device.type != "cuda":
-            raise RuntimeError(f"the model's parameters are on {device}, expected cuda")
     micro_batches = pack(args, sequences, advantages)
     set_old_logprobs(policy, micro_batches, args.old_logp_noise)
-    results = benchmark(policy, micro_batches, args, cuda)
-    text = report(args, policy, sequences, micro_batches, results, cuda, argv)
+
+    def on_update(results):
+        text = report(args, policy, sequences, micro_batches, results, cuda, argv)
+        if args.out:
+            write_report(Path(args.out), text)
+        return text
+
+    results = benchmark(policy, micro_batches, args, cuda, on_update)
+    os.environ.pop("LUSPO_FORCE_REFERENCE", None)
     print()
-    print(text)
+    print(on_update(results))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)  # never a half-written report
-        print(f"wrote {out}")
+        print(f"wrote {args.out}")
     torch.distributed.destroy_process_group()
 
 

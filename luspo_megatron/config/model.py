@@ -34,10 +34,62 @@ class ModelConfig:
         False, "--transformer-impl-te", help="Use Transformer Engine layer specs (GPU, needs the [gpu] extra).",
         action="store_true",
     )
+    # Grouped experts, attention backend, activation recompute (models/megatron_config.py).
+    moe_grouped_gemm: bool | None = opt(
+        None, "--moe-grouped-gemm",
+        help="All local experts of a MoE layer in one grouped GEMM (torch grouped_mm; models/experts.py) instead "
+             "of one after another; same parameters and checkpoints. Unset: on with CUDA, off on a CPU; with "
+             "Transformer Engine always TE's grouped GEMM. YAML false forces the sequential experts.",
+        action="store_true",
+    )
+    attention_backend: str = opt(
+        "auto", "--attention-backend",
+        help="Core attention of the local spec (models/attention.py): auto (varlen on CUDA bf16 when it works, "
+             "else causal; padded on CPU / fp32; the all-gather path with CP), padded (fp32, explicit mask), "
+             "causal (input dtype, is_causal SDPA, no host sync), varlen (flash varlen on packed tokens; CUDA "
+             "bf16), reference (dense O(T²), tests).",
+        choices=("auto", "padded", "causal", "varlen", "reference"),
+    )
+    recompute_granularity: str | None = opt(
+        None, "--recompute-granularity",
+        help="Activation recompute: full (whole layers, needs --recompute-method and --recompute-num-layers) or "
+             "selective (core attention of every layer). Unset: none.",
+        choices=("full", "selective"),
+    )
+    recompute_method: str | None = opt(
+        None, "--recompute-method",
+        help="With --recompute-granularity full: uniform (chunks of N layers, all layers) or block (the first N "
+             "layers of each pipeline stage).",
+        choices=("uniform", "block"),
+    )
+    recompute_num_layers: int | None = opt(
+        None, "--recompute-num-layers", help="N of --recompute-method (1 ≤ N ≤ layers per pipeline stage)."
+    )
 
     def __post_init__(self) -> None:
         if self.moe_aux_loss_coef is not None:
             check(self.moe_aux_loss_coef >= 0, ModelConfig, "moe_aux_loss_coef", "≥ 0", self.moe_aux_loss_coef)
+        # The combinations megatron-core accepts (the layer-count bound needs the model:
+        # models/megatron_config.recompute_options checks it).
+        check(self.attention_backend in ("auto", "padded", "causal", "varlen", "reference"), ModelConfig,
+               "attention_backend", "one of auto, padded, causal, varlen, reference", self.attention_backend)
+        check(self.recompute_granularity in (None, "full", "selective"), ModelConfig, "recompute_granularity",
+               "full or selective", self.recompute_granularity)
+        check(self.recompute_method in (None, "uniform", "block"), ModelConfig, "recompute_method",
+               "uniform or block", self.recompute_method)
+        full = self.recompute_granularity == "full"
+        if full:
+            check(self.recompute_method is not None, ModelConfig, "recompute_method",
+                   "uniform or block with --recompute-granularity full", self.recompute_method)
+            check(self.recompute_num_layers is not None, ModelConfig, "recompute_num_layers",
+                   "a positive integer with --recompute-granularity full", self.recompute_num_layers)
+            positive(ModelConfig, self, "recompute_num_layers")
+        else:
+            rule = f"unset with --recompute-granularity {self.recompute_granularity}" if self.recompute_granularity \
+                else "unset without --recompute-granularity full"
+            check(self.recompute_method is None, ModelConfig, "recompute_method", rule, self.recompute_method)
+            check(self.recompute_num_layers is None, ModelConfig, "recompute_num_layers", rule,
+                   self.recompute_num_layers)
 
 
 # ------------------------------------------------------------------------------------------ parallel

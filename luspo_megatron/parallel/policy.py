@@ -76,11 +76,17 @@ class MegatronPolicy:
             arch, config.parallel, dtype=config.model.dtype, moe_aux_loss_coef=config.model.moe_aux_loss_coef,
             use_transformer_engine=use_transformer_engine,
             routing_replay=config.rollout.use_rollout_routing_replay,
+            # grouped experts and activation recompute (models/megatron_config.py)
+            moe_grouped_gemm=config.model.moe_grouped_gemm,
+            recompute_granularity=config.model.recompute_granularity,
+            recompute_method=config.model.recompute_method, recompute_num_layers=config.model.recompute_num_layers,
         )
-        chunks = build_model(arch, tf_config, use_transformer_engine)
+        backend = config.model.attention_backend  # models/attention.py
+        chunks = build_model(arch, tf_config, use_transformer_engine, attention_backend=backend)
         # Built now, before the training wrappers attach process groups to the shared config
         # (which megatron's module builders deep-copy); filled by snapshot_reference().
-        reference = build_model(arch, tf_config, use_transformer_engine) if with_reference else None
+        reference = (build_model(arch, tf_config, use_transformer_engine, attention_backend=backend)
+                     if with_reference else None)
         if hf_weights is None:
             hf_weights = (hf_safetensors_source(config.model.hf_checkpoint) if config.model.hf_checkpoint
                           else initial_hf_state_dict(hf_config, config.seed))

@@ -1,7 +1,7 @@
 """Worker (torchrun, 1 process): HF transformers logits vs our Megatron model's, same weights.
 
 For each case: build the tiny HF model in code, convert its live state dict to on-disk names,
-load it into the Megatron GPTModel through checkpoint.hf_map, run one packed (THD) micro-batch
+load it into the Megatron GPTModel through models.hf_map, run one packed (THD) micro-batch
 of three sequences through both, and save the largest absolute logit difference.
 """
 

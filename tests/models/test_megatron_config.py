@@ -100,3 +100,92 @@ def test_cpu_settings_avoid_the_gloo_traps():
 def test_top1_with_renormalisation_is_refused():
     with pytest.raises(ConfigError, match="norm_topk_prob"):
         config_of(tiny_qwen3_moe(num_experts_per_tok=1, norm_topk_prob=True))
+
+
+# ------------------------------------------------------------------- issue 16: experts and recompute
+def test_moe_grouped_gemm_auto_is_on_with_cuda_off_on_cpu_and_always_on_with_te():
+    arch = arch_from_hf(tiny_qwen3_moe())
+    assert not transformer_config(arch, cuda=False).moe_grouped_gemm
+    assert transformer_config(arch, cuda=False, moe_grouped_gemm=True).moe_grouped_gemm
+    assert transformer_config(arch, cuda=True, use_cpu_initialization=True).moe_grouped_gemm
+    assert not transformer_config(arch, cuda=True, moe_grouped_gemm=False, use_cpu_initialization=True).moe_grouped_gemm
+    assert transformer_config(arch, cuda=False, use_transformer_engine=True).moe_grouped_gemm
+    with pytest.raises(ConfigError, match="^--moe-grouped-gemm: expected true or unset with Transformer Engine"):
+        transformer_config(arch, cuda=False, use_transformer_engine=True, moe_grouped_gemm=False)
+
+
+@pytest.mark.parametrize("flags, fields", [
+    ({}, (None, None, None)),
+    ({"recompute_granularity": "selective"}, ("selective", None, None)),
+    ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+     ("full", "uniform", 1)),
+    ({"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 4},
+     ("full", "block", 4)),
+])
+def test_recompute_flags_reach_megatron(flags, fields):
+    config = config_of(tiny_qwen3_moe(), **flags)
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == fields
+    if fields[0] == "selective":
+        assert config.recompute_modules == ["core_attn"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"recompute_method": "uniform"}, "^--recompute-method: expected unset without --recompute-granularity full"),
+    ({"recompute_num_layers": 2}, "^--recompute-num-layers: expected unset without --recompute-granularity full"),
+    ({"recompute_granularity": "partial"}, "^--recompute-granularity: expected one of"),
+    ({"recompute_granularity": "selective", "recompute_method": "block"}, "^--recompute-method: expected unset with"),
+    ({"recompute_granularity": "selective", "recompute_num_layers": 1}, "^--recompute-num-layers: expected unset"),
+    ({"recompute_granularity": "full", "recompute_num_layers": 1}, "^--recompute-method: expected one of"),
+    ({"recompute_granularity": "full", "recompute_method": "block"},
+     r"^--recompute-num-layers: expected an integer in \[1, 4\]"),
+    ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 5},
+     r"^--recompute-num-layers: expected an integer in \[1, 4\]"),
+    ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 3},
+     "^--recompute-num-layers: expected a divisor of the 4 layers"),
+])
+def test_recompute_combinations_megatron_rejects_are_refused_naming_the_flag(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        config_of(tiny_qwen3_moe(), **flags)
+
+
+def test_full_recompute_bound_is_per_pipeline_chunk_and_refused_with_replay_under_pipelining():
+    arch = arch_from_hf(tiny_qwen3_moe())
+    pp2 = ParallelConfig(pipeline_model_parallel_size=2)
+    full = {"recompute_granularity": "full", "recompute_method": "block"}
+    assert transformer_config(arch, pp2, cuda=False, recompute_num_layers=2, **full).recompute_num_layers == 2
+    with pytest.raises(ConfigError, match=r"^--recompute-num-layers: expected an integer in \[1, 2\]"):
+        transformer_config(arch, pp2, cuda=False, recompute_num_layers=3, **full)
+    vpp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"^--recompute-num-layers: expected an integer in \[1, 1\]"):
+        transformer_config(arch, vpp, cuda=False, recompute_num_layers=2, **full)
+    with pytest.raises(ConfigError, match="^--recompute-granularity: expected selective or unset with "
+                                          "--use-rollout-routing-replay"):
+        transformer_config(arch, pp2, cuda=False, recompute_num_layers=2, routing_replay=True, **full)
+    transformer_config(arch, pp2, cuda=False, routing_replay=True, recompute_granularity="selective")
+
+
+def test_model_config_flags_parse_and_bad_combinations_fail_at_load():
+    from luspo_megatron.config import config_from_dict, load_config
+
+    config, _ = load_config(["--moe-grouped-gemm", "--attention-backend", "causal", "--recompute-granularity", "full",
+                             "--recompute-method", "block", "--recompute-num-layers", "2"])
+    m = config.model
+    assert (m.moe_grouped_gemm, m.attention_backend) == (True, "causal")
+    assert (m.recompute_granularity, m.recompute_method, m.recompute_num_layers) == ("full", "block", 2)
+    default = load_config([])[0].model
+    assert (default.moe_grouped_gemm, default.attention_backend, default.recompute_granularity) == (None, "auto", None)
+    assert config_from_dict({"model": {"moe_grouped_gemm": False}}).model.moe_grouped_gemm is False
+    for model, message in [
+        ({"recompute_granularity": "full", "recompute_method": "uniform"},
+         "^--recompute-num-layers: expected a positive"),
+        ({"recompute_granularity": "full", "recompute_num_layers": 1},
+         "^--recompute-method: expected uniform or block"),
+        ({"recompute_method": "block"}, "^--recompute-method: expected unset without --recompute-granularity full"),
+        ({"recompute_granularity": "selective", "recompute_num_layers": 1},
+         "^--recompute-num-layers: expected unset with --recompute-granularity selective"),
+        ({"attention_backend": "flash"}, "^--attention-backend: expected one of auto"),
+        ({"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 0},
+         "^--recompute-num-layers: expected a positive integer"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"model": model})
