@@ -206,7 +206,10 @@ class RewardPool:
         for i in batch:
             try:
                 futures[pool.submit(_score_item, fn_path, items[i], self.timeout_s)] = i
-            except BrokenProcessPool:  # a worker died while we were still submitting
+            # A worker died while we were still submitting. The executor notices at its next submit
+            # (BrokenProcessPool) or, when that submit is the one that spawns a replacement worker,
+            # as an OSError from the executor's already-closed wake-up pipe ("handle is closed").
+            except (BrokenProcessPool, OSError):
                 broken = "crash"
                 break
         waiting = set(futures)
