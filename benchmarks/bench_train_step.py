@@ -238,21 +238,6 @@ def build_policy(args: argparse.Namespace, hf_config: dict, model_dir: str, max_
                                       hf_weights=random_hf_source(hf_config, SEED, device))
 
 
-def active_matmul_params(arch) -> int:
-    """N_active of the module docstring, from the architecture."""
-    h = arch.hidden_size
-    attention = h * (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
-    attention += arch.num_attention_heads * arch.head_dim * h
-    total = arch.vocab_size * h  # output layer
-    for layer in range(arch.num_layers):
-        if arch.is_moe_layer(layer):
-            mlp = h * arch.num_experts + arch.moe_router_topk * 3 * h * arch.moe_ffn_hidden_size
-        else:
-            mlp = 3 * h * arch.ffn_hidden_size
-        total += attention + mlp
-    return total
-
-
 # -------------------------------------------------------------------------------------------- batch
 def make_batch(args: argparse.Namespace):
     """Sequences of exactly ``--tokens-per-step`` tokens in all, their count a multiple of the group
@@ -302,12 +287,6 @@ def set_old_logprobs(policy, micro_batches, noise: float) -> None:
         if not bool(torch.isfinite(logp).all()):
             raise RuntimeError("compute_logprobs returned non-finite log-probs")
         mb.old_logp = logp + noise * torch.randn(logp.shape, generator=gen) * mb.loss_mask
-
-
-def mean_attended_keys(sequences) -> float:
-    """c̄ = Σ L(L+1)/2 / Σ L over the batch (causal attention within each sequence)."""
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in sequences]
-    return sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
 
 
 # ------------------------------------------------------------------------------------------- timing

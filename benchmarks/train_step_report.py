@@ -46,8 +46,28 @@ def resolved_attention(policy, backend: str, cuda: bool) -> str:
     return "auto → padded"
 
 
+def active_matmul_params(arch) -> int:
+    """N_active of bench_train_step.py's docstring (the matmul parameters a token passes), from the architecture."""
+    h = arch.hidden_size
+    attention = h * (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
+    attention += arch.num_attention_heads * arch.head_dim * h
+    total = arch.vocab_size * h  # output layer
+    for layer in range(arch.num_layers):
+        if arch.is_moe_layer(layer):
+            mlp = h * arch.num_experts + arch.moe_router_topk * 3 * h * arch.moe_ffn_hidden_size
+        else:
+            mlp = 3 * h * arch.ffn_hidden_size
+        total += attention + mlp
+    return total
+
+
+def mean_attended_keys(sequences) -> float:
+    """c̄ = Σ L(L+1)/2 / Σ L over the batch (causal attention within each sequence)."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in sequences]
+    return sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+
+
 def _flops_per_token(policy, sequences) -> tuple[float, int, float]:
-    from bench_train_step import active_matmul_params, mean_attended_keys
 
     arch = policy.arch
     active = active_matmul_params(arch)
