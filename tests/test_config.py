@@ -3,6 +3,7 @@
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,21 @@ def test_help_lists_every_section_group():
     text = build_parser().format_help()
     for group in ("model", "parallel", "rollout", "algorithm", "optimizer", "data", "checkpoint", "logging"):
         assert f"\n{group}:" in text
+
+
+def test_a_config_whose_longest_sequence_cannot_fit_a_micro_batch_is_refused_at_start():
+    # 512 prompt + 64 response tokens fit 576 exactly; one token less of budget does not.
+    fits, _ = load_config(["--max-prompt-len", "512", "--rollout-max-response-len", "64",
+                           "--max-tokens-per-micro-batch", "576"])
+    assert fits.optimizer.max_tokens_per_micro_batch == 576
+    with pytest.raises(ConfigError) as err:
+        load_config(["--max-prompt-len", "512", "--rollout-max-response-len", "64", "--max-tokens-per-micro-batch",
+                     "575"])
+    message = str(err.value)
+    assert "\n" not in message and err.value.field == "max_tokens_per_micro_batch"
+    for flag in ("--max-tokens-per-micro-batch", "--max-prompt-len", "--rollout-max-response-len", "576", "575"):
+        assert flag in message
+    tool = Path(__file__).resolve().parents[1] / "tools" / "train_luspo.py"
+    out = subprocess.run([sys.executable, str(tool), "--rollout-max-response-len", "8000",
+                          "--print-config"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--max-tokens-per-micro-batch" in out.stderr

@@ -121,6 +121,16 @@ class RunConfig:
                 f"(--rollout-batch-size × --n-samples-per-prompt = {batch}), got {gbs}",
                 field="global_batch_size",
             )
+        # A sequence is never split across micro-batches: the longest one must fit the budget, checked
+        # here rather than at the first long sample, deep into a run.
+        longest = self.data.max_prompt_len + self.rollout.max_response_len
+        if longest > self.optimizer.max_tokens_per_micro_batch:
+            raise ConfigError(
+                f"--max-tokens-per-micro-batch: expected ≥ --max-prompt-len + --rollout-max-response-len = "
+                f"{self.data.max_prompt_len} + {self.rollout.max_response_len} = {longest} (a sequence is never "
+                f"split across micro-batches), got {self.optimizer.max_tokens_per_micro_batch}",
+                field="max_tokens_per_micro_batch",
+            )
 
     @property
     def sequences_per_rollout(self) -> int:
