@@ -220,7 +220,8 @@ def random_hf_source(hf_config: dict, seed: int, device):
     return get
 
 
-def build_policy(args: argparse.Namespace, hf_config: dict, model_dir: str, max_response_len: int, device):
+def build_policy(args: argparse.Namespace, hf_config: dict, model_dir: str, max_response_len: int,
+                 longest_sequence: int, device):
     """The trainer's path: a RunConfig whose ``--hf-checkpoint`` is a directory with the config.json."""
     from luspo_megatron.config import config_from_dict
     from luspo_megatron.parallel.policy import MegatronPolicy
@@ -230,6 +231,8 @@ def build_policy(args: argparse.Namespace, hf_config: dict, model_dir: str, max_
         "seed": SEED,
         "model": {"hf_checkpoint": model_dir, "dtype": args.dtype, "moe_grouped_gemm": True},
         "rollout": {"max_response_len": max_response_len},
+        # No dataset here: the prompt bound only has to let the longest benchmark sequence fit a micro-batch.
+        "data": {"max_prompt_len": max(1, longest_sequence - max_response_len)},
         "algorithm": {"loss": "luspo", "n_samples_per_prompt": GROUP_SIZE},
         "optimizer": {"lr": 1e-6, "lr_warmup_iters": 0, "max_tokens_per_micro_batch": args.micro_batch_tokens},
     }, source="bench_train_step")
@@ -408,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     max_response = max(len(s.response_ids) for s in sequences)
     with tempfile.TemporaryDirectory() as model_dir:
         start = time.perf_counter()
-        policy = build_policy(args, hf_config, model_dir, max_response, "cuda" if cuda else "cpu")
+        longest = max(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
+        policy = build_policy(args, hf_config, model_dir, max_response, longest, "cuda" if cuda else "cpu")
         print(f"  model built in {time.perf_counter() - start:.1f} s", flush=True)
     micro_batches = pack(args, sequences, advantages)
     set_old_logprobs(policy, micro_batches, args.old_logp_noise)

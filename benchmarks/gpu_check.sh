@@ -19,7 +19,8 @@
 #       run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on a CPU: print the steps, run the CPU-quick variants
 #
-# Environment: GPU_CHECK_BUDGET_S (default 465: the whole script), PYTHON (default python3).
+# Environment: GPU_CHECK_BUDGET_S (default 465: the whole script), PYTHON (default: .venv/bin/python if
+# there is one, else python3).
 set -u -o pipefail
 
 DRY_RUN=0
@@ -34,7 +35,8 @@ cd "$ROOT" || exit 2
 OUT_DIR=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT_DIR" docs/bench
 LOG="$OUT_DIR/gpu_check.log"
-PY=${PYTHON:-python3}
+# The project's .venv where there is one (here, for --dry-run); the device image's python3 otherwise.
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 BUDGET=${GPU_CHECK_BUDGET_S:-465}
 START=$(date +%s)
 FAILED=()
