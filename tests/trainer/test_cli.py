@@ -13,9 +13,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tools" / "train_luspo.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_lists_every_flag_group():
@@ -97,20 +97,22 @@ def test_an_unreachable_sglang_url_gives_up_after_the_startup_timeout(silent_ser
         with pytest.raises(RolloutError, match=rf"^{url}/health_generate: not healthy within 3 s \(last: "):
             with start_fleet(config, hf_dir=tmp_path, log_dir=tmp_path):
                 pass
-        assert 3.0 <= time.monotonic() - start < 8.0
+        assert 3.0 <= time.monotonic() - start < 15.0  # not the constructor's 600 s
 
 
 def test_an_unreachable_sglang_url_stops_the_cli_in_one_line_with_status_2(silent_server, tmp_path):
     start = time.monotonic()
     proc = run("--rollout-engine", "sglang", "--sglang-url", silent_server, "--rollout-startup-timeout", "3",
                "--sft-warmup-steps", "0", "--synthetic-num-prompts", "16", "--reward-num-workers", "1",
-               "--no-progress", "--log-dir", str(tmp_path / "run"))
+               "--no-progress", "--log-dir", str(tmp_path / "run"), timeout=300)
     elapsed = time.monotonic() - start
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == [proc.stderr.splitlines()[-1]], proc.stderr[-2000:]
     assert errors[0].startswith(f"train_luspo.py: error: {silent_server}/health_generate: not healthy within 3 s")
-    assert elapsed < 100, elapsed  # set-up (model, assets) plus 3 s; it waited 600 s before
+    # Set-up (model, assets: ~12 s on an idle 2-core box) plus 3 s; it waited 600 s before. The
+    # bound leaves room for a loaded machine; the wait itself is timed by the test above.
+    assert elapsed < 300, elapsed
 
 
 def test_a_bad_dataset_row_stops_the_cli_in_one_line_with_status_2(tmp_path):
