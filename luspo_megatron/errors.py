@@ -32,3 +32,7 @@ class CheckpointError(UserError):
 
 class RolloutError(UserError):
     """A rollout engine failed or answered with something we cannot use."""
+
+
+class RewardError(UserError):
+    """A reward function returned what cannot be a reward (NaN, ±Inf)."""

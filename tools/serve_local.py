@@ -3,7 +3,7 @@
     python tools/serve_local.py --hf-dir DIR --port PORT [--host 127.0.0.1] [--device cuda]
         [--api-key KEY] [--allowed-weight-dirs DIR ...] [--max-n 1024] [--context-length N]
 
-See luspo_megatron/rollout/local/server.py for the endpoints, docs/reliability_server.md for what the
+See luspo_megatron/rollout/local/server.py for the endpoints, docs/reliability.md §1 for what the
 server promises (auth, limits, isolation, all-or-nothing weight updates) and --help for every flag.
 ``--enable-fault-injection`` and the ``--fault-*`` flags are for tests only.
 """

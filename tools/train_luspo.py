@@ -25,7 +25,7 @@ DEFAULT_CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from luspo_megatron.config import config_to_yaml, load_config
+    from luspo_megatron.config import config_to_yaml, load_config, validate_paths
     from luspo_megatron.errors import UserError
 
     prog = Path(sys.argv[0]).name
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
+    try:  # the files and directories the config names, on every rank, before any process group exists
+        validate_paths(config)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     # megatron-core announces at import that it falls back from TE/Apex to torch (expected on CPU),
     # once per module; keep stderr for what needs reading.
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)

@@ -10,7 +10,7 @@ atomically (``atomic``); loaded into any TP/PP/EP layout.
 Integrity (``integrity``, ``resume``): every file's sha256 is recorded in ``checksums.json`` at
 save (committed with the files) and checked at load; without an asked step a damaged newest
 checkpoint falls back to the newest one that verifies, and ``keep_last`` never prunes the last
-checkpoint a load verified. docs/reliability_checkpoints.md lists the promises and their tests.
+checkpoint a load verified. docs/reliability.md §2 lists the promises and their tests.
 
 Every rank calls both (they are collective). ``model_chunks``: this rank's model chunks, bare
 ``GPTModel`` or wrapped (DDP, Float16Module; the wrappers are looked through). ``optimizer``: what

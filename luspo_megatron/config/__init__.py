@@ -11,8 +11,9 @@ the flag, the value and the rule. After validation a config never changes (``fro
 
 The sections: ``model.py`` (model, parallel), ``rollout.py``, ``training.py`` (algorithm,
 optimizer), ``data.py``, ``eval.py``, ``run.py`` (checkpoint, logging, the root); ``loss.py`` holds the
-policy-loss options the algorithm section validates. Config is a leaf of the house: it imports
-nothing of ours but ``errors``.
+policy-loss options the algorithm section validates; ``paths.py`` checks the files and directories
+a config names (``validate_paths``, called by the CLI before any process group exists). Config is
+a leaf of the house: it imports nothing of ours but ``errors``.
 """
 
 from luspo_megatron.config.data import DataConfig
@@ -30,6 +31,7 @@ from luspo_megatron.config.loader import (
 )
 from luspo_megatron.config.loss import LossConfig
 from luspo_megatron.config.model import ModelConfig, ParallelConfig
+from luspo_megatron.config.paths import validate_paths
 from luspo_megatron.config.rollout import RolloutConfig
 from luspo_megatron.config.run import SECTIONS, CheckpointConfig, LoggingConfig, RunConfig
 from luspo_megatron.config.training import AlgorithmConfig, OptimizerConfig
@@ -38,5 +40,5 @@ __all__ = [
     "SECTIONS", "AlgorithmConfig", "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "LossConfig",
     "ModelConfig", "OneLineArgumentParser", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "RunConfig",
     "build_parser", "config_from_dict", "config_to_yaml", "flag_of", "json_ready", "load_config", "load_yaml",
-    "merge_overrides", "opt",
+    "merge_overrides", "opt", "validate_paths",
 ]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from luspo_megatron.config.fields import check, opt, positive
+from luspo_megatron.config.fields import check, opt, positive, seconds, validate_fields
 
 REWARD_KINDS = ("math", "math+format", "dapo", "auto")  # rewards/compose.py builds each
+# module:function, as importlib.import_module and getattr take them (rewards/pool.py::load_function)
+IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -62,14 +65,18 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         positive(DataConfig, self, "max_prompt_len", "reward_num_workers", "synthetic_num_prompts",
                   "synthetic_max_steps")
         check(self.format_reward_weight >= 0, DataConfig, "format_reward_weight", "≥ 0", self.format_reward_weight)
-        check(self.reward_timeout_s > 0, DataConfig, "reward_timeout_s", "> 0", self.reward_timeout_s)
+        seconds(DataConfig, self, "reward_timeout_s")
+        for name in ("input_key", "label_key", "sft_key", "metadata_key"):
+            value = getattr(self, name)
+            check(value is None or bool(value.strip()), DataConfig, name, "a non-empty column name", value)
         check(self.synthetic_sft_prompts >= 0, DataConfig, "synthetic_sft_prompts", "≥ 0 (0: the RL prompts)",
                self.synthetic_sft_prompts)
         check(0.0 <= self.sft_direct_fraction <= 1.0, DataConfig, "sft_direct_fraction", "a fraction in [0, 1]",
                self.sft_direct_fraction)
         if self.custom_reward_path is not None:
-            check(":" in self.custom_reward_path, DataConfig, "custom_reward_path", "module:function",
-                   self.custom_reward_path)
+            check(IMPORT_PATH.fullmatch(self.custom_reward_path) is not None, DataConfig, "custom_reward_path",
+                  "module:function (e.g. my_pkg.rewards:score)", self.custom_reward_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from luspo_megatron.config.fields import check, opt, positive
+from luspo_megatron.config.fields import check, opt, positive, validate_fields
 
 # A data set's NAME becomes part of metric keys (eval/NAME/avg@k) and file rows: keep it plain.
 EVAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -58,6 +58,7 @@ class EvalConfig:
     eval_top_p: float | None = opt(None, "--eval-top-p", help="Evaluation nucleus threshold; None: --rollout-top-p.")
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         parse_eval_data(self.eval_data)
         positive(EvalConfig, self, "n_samples_per_eval_prompt")
         for name in ("eval_interval", "eval_max_response_len"):

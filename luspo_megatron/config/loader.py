@@ -9,37 +9,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from luspo_megatron.config.fields import flag_of
+from luspo_megatron.config.fields import base_type, flag_of, shown
 from luspo_megatron.config.run import SECTIONS, RunConfig
 from luspo_megatron.errors import ConfigError
 
 
 # ------------------------------------------------------------------------------ loading and parsing
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(the concrete type, whether None is allowed) of a field annotation such as ``int | None``."""
-    hint = annotation
-    optional = False
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(hint))
-        hint = args[0]
-    return hint, optional
-
-
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     """Convert a YAML or CLI value to the field's type, or raise a one-line ConfigError."""
-    hint, optional = _base_type(_field_types(cls)[name])
+    hint, optional = base_type(_field_types(cls)[name])
     if value is None:
         if optional:
             return None
@@ -48,6 +36,8 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     try:
         if origin is tuple:
             items = value if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+                raise ValueError  # a mapping, a list or a boolean is not an entry of a list of strings
             return tuple(str(v) for v in items)
         if hint is bool:
             if isinstance(value, bool):
@@ -64,20 +54,20 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
                 raise ValueError
             return float(value)
         if hint is str:
-            if isinstance(value, (dict, list)):
+            if isinstance(value, (dict, list, bool)):  # YAML's yes/no/true/false are booleans: quote text
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
         pass
     else:
         return value
-    type_name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{where}: expected {type_name}, got {value!r}", field=name)
+    type_name = "a list of strings" if origin is tuple else getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{where}: expected {type_name}, got {shown(value)}", field=name)
 
 
 def _section_values(cls: type, raw: Any, path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of {cls.__name__} keys, got {raw!r}")
+        raise ConfigError(f"{path}: expected a mapping of {cls.__name__} keys, got {shown(raw)}", field=path)
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in raw.items():
@@ -107,15 +97,29 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML config file, or a one-line ConfigError naming ``--config``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: no such file {str(path)!r}", field="config")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {str(path)!r}", field="config")
+        data = path.read_bytes()
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        raise ConfigError(f"--config: cannot read {str(path)!r} ({err})", field="config") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})",
+                          field="config") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError(f"--config: {path} is not valid YAML{line}", field="config") from None
+    except RecursionError:
+        raise ConfigError(f"--config: {path} is nested too deeply", field="config") from None
+    except ValueError as err:  # PyYAML builds ints with int(): more than 4300 digits is refused
+        raise ConfigError(f"--config: {path} holds a value that cannot be read ({err})", field="config") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a mapping, got {type(raw).__name__}", field="config")
     return raw
@@ -141,7 +145,6 @@ def _add_field(group: argparse._ArgumentGroup, cls: type, f: dataclasses.Field, 
             kwargs["choices"] = meta["choices"]
         if meta.get("nargs"):
             kwargs["nargs"] = meta["nargs"]
-        hint, _ = _base_type(_field_types(cls)[f.name])
         kwargs["metavar"] = f.name.upper() if not meta.get("choices") else None
         kwargs["help"] += f" (default: {f.default})" if f.default is not dataclasses.MISSING else ""
     group.add_argument(*meta["flags"], **kwargs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from luspo_megatron.config.fields import validate_fields
 from luspo_megatron.errors import ConfigError
 
 KL_TYPES = ("k1", "k2", "k3")  # estimators of KL(π_θ ‖ π_ref) per token (algorithms/kl.py)
@@ -66,6 +67,7 @@ class LossConfig:
     invariant, so the trainer always sets it to the generation limit)."""
 
     def __post_init__(self) -> None:
+        validate_fields(self)  # finite floats, ints, bools (the named rules below need numbers)
         if self.name not in LOSS_NAMES:
             raise _invalid("loss", f"expected one of {LOSS_NAMES}, got {self.name!r}")
         lo_default, hi_default = DEFAULT_CLIPS[self.name]

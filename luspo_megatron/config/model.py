@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from luspo_megatron.config.fields import check, opt, positive
+from luspo_megatron.config.fields import check, opt, positive, validate_fields
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -67,6 +67,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         if self.moe_aux_loss_coef is not None:
             check(self.moe_aux_loss_coef >= 0, ModelConfig, "moe_aux_loss_coef", "≥ 0", self.moe_aux_loss_coef)
         # The combinations megatron-core accepts (the layer-count bound needs the model:
@@ -117,6 +118,7 @@ class ParallelConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         positive(
             ParallelConfig, self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
             "context_parallel_size", "expert_model_parallel_size",

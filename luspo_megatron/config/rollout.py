@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from dataclasses import dataclass
 
-from luspo_megatron.config.fields import check, opt, positive
+from luspo_megatron.config.fields import check, opt, positive, seconds, validate_fields
+
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+TOP_K_MAX = 2**30  # what our server (and sglang's int32 sampling kernels) accept
+
+
+def is_http_url(url: str) -> bool:
+    """``http(s)://host[:port][/path]``: what the SGLang client can append ``/generate`` to."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in [0, 65535])
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query and not parts.fragment
 
 
 # ------------------------------------------------------------------------------------------- rollout
@@ -52,18 +67,24 @@ class RolloutConfig:
     local_device: str = opt("cpu", "--rollout-device", help="Device of the local rollout server: cpu or cuda[:N].")
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         positive(RolloutConfig, self, "num_engines", "rollout_batch_size", "max_response_len", "max_concurrency")
         if self.sglang_api_key is not None:
             check(bool(self.sglang_api_key.strip()), RolloutConfig, "sglang_api_key", "a non-empty key",
                   self.sglang_api_key)
-        check(self.startup_timeout_s > 0, RolloutConfig, "startup_timeout_s", "> 0", self.startup_timeout_s)
-        check(self.local_device == "cpu" or self.local_device.startswith("cuda"), RolloutConfig, "local_device",
-               "cpu or cuda[:N]", self.local_device)
+        seconds(RolloutConfig, self, "startup_timeout_s", "request_timeout_s")
+        check(DEVICE.fullmatch(self.local_device) is not None, RolloutConfig, "local_device", "cpu or cuda[:N]",
+              self.local_device)
+        for url in self.sglang_url:
+            check(is_http_url(url), RolloutConfig, "sglang_url", "http(s)://host[:port] URLs", url)
+        if self.sglang_router is not None:
+            check(is_http_url(self.sglang_router), RolloutConfig, "sglang_router", "an http(s)://host[:port] URL",
+                  self.sglang_router)
         check(self.max_retries >= 0, RolloutConfig, "max_retries", "≥ 0", self.max_retries)
         check(self.temperature > 0, RolloutConfig, "temperature", "> 0", self.temperature)
         check(0 < self.top_p <= 1, RolloutConfig, "top_p", "a float in (0, 1]", self.top_p)
-        check(self.top_k == -1 or self.top_k >= 1, RolloutConfig, "top_k", "-1 or ≥ 1", self.top_k)
-        check(self.request_timeout_s > 0, RolloutConfig, "request_timeout_s", "> 0", self.request_timeout_s)
+        check(self.top_k == -1 or 1 <= self.top_k <= TOP_K_MAX, RolloutConfig, "top_k", "-1 or in [1, 2**30]",
+              self.top_k)
         positive(RolloutConfig, self, "update_weight_buffer_size")
         if self.engine == "sglang":
             check(

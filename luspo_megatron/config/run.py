@@ -8,7 +8,7 @@ from typing import Any
 
 from luspo_megatron.config.data import DataConfig
 from luspo_megatron.config.eval import EvalConfig
-from luspo_megatron.config.fields import check, opt, positive
+from luspo_megatron.config.fields import check, opt, positive, validate_fields
 from luspo_megatron.config.model import ModelConfig, ParallelConfig
 from luspo_megatron.config.rollout import RolloutConfig
 from luspo_megatron.config.training import AlgorithmConfig, OptimizerConfig
@@ -48,6 +48,7 @@ class CheckpointConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         for name in ("save_interval", "keep_last"):
             if getattr(self, name) is not None:
                 positive(CheckpointConfig, self, name)
@@ -70,6 +71,7 @@ class LoggingConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         positive(LoggingConfig, self, "sample_interval", "log_interval")
         check(self.samples_per_step == -1 or self.samples_per_step >= 1, LoggingConfig, "samples_per_step",
                "-1 or ≥ 1", self.samples_per_step)
@@ -94,7 +96,8 @@ class RunConfig:
     """The whole run. ``train_iters`` counts RL steps (rollout + its optimizer steps)."""
 
     train_iters: int = opt(20, "--train-iters", help="RL steps to run.")
-    seed: int = opt(1234, "--seed", help="Seeds torch, numpy, random, Megatron's RNG tracker, data and sampling.")
+    seed: int = opt(1234, "--seed", low=0, high=2**32 - 1,  # numpy's seeds: [0, 2**32)
+                    help="Seeds torch, numpy, random, Megatron's RNG tracker, data and sampling; in [0, 2**32).")
     sft_warmup_steps: int = opt(0, "--sft-warmup-steps", help="Supervised warm-up steps before RL.")
     sft_lr: float = opt(1e-3, "--sft-lr", help="Learning rate of the supervised warm-up (its own AdamW).")
     sft_batch_size: int = opt(64, "--sft-batch-size", help="Sequences per supervised warm-up step.")
@@ -109,7 +112,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         positive(RunConfig, self, "train_iters")
+        # Pipeline stage s seeds numpy with seed + 100·s (parallel/state.set_seeds): that too must be < 2**32.
+        last_stage = self.parallel.pipeline_model_parallel_size - 1
+        check(self.seed + 100 * last_stage < 2**32, RunConfig, "seed",
+              f"an integer in [0, 2**32 - 100·{last_stage}) with --pp {last_stage + 1} (stage s seeds seed + 100·s)",
+              self.seed)
         check(self.sft_warmup_steps >= 0, RunConfig, "sft_warmup_steps", "≥ 0", self.sft_warmup_steps)
         check(self.sft_lr > 0, RunConfig, "sft_lr", "> 0", self.sft_lr)
         positive(RunConfig, self, "sft_batch_size")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from luspo_megatron.config.fields import check, flag_of, opt, positive
+from luspo_megatron.config.fields import check, flag_of, opt, positive, validate_fields
 from luspo_megatron.config.loss import AGG_MODES, KL_TYPES, LOSS_NAMES, TIS_LEVELS, TIS_MODES, LossConfig
 from luspo_megatron.errors import ConfigError
 
@@ -57,6 +57,7 @@ class AlgorithmConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         positive(AlgorithmConfig, self, "n_samples_per_prompt", "max_dynamic_sampling_rounds")
         try:
             self.loss_config()
@@ -104,6 +105,7 @@ class OptimizerConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         check(self.lr > 0, OptimizerConfig, "lr", "> 0", self.lr)
         check(0 <= self.min_lr <= self.lr, OptimizerConfig, "min_lr", "0 ≤ min_lr ≤ lr", self.min_lr)
         check(self.lr_warmup_iters >= 0, OptimizerConfig, "lr_warmup_iters", "≥ 0", self.lr_warmup_iters)

@@ -20,7 +20,8 @@ A key may be a dotted path into nested objects (``reward_model.ground_truth``). 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,35 +85,115 @@ def lookup(row: Any, key: str) -> Any:
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) pairs: where is "line N" (JSONL, 1-based) or "row N" (Parquet, 1-based). A JSON
-    line that does not parse comes back as a DataError instance in place of the row."""
+    """(where, row) pairs: where is "line N" (JSONL, 1-based) or "row N" (Parquet, 1-based). A row
+    that cannot be read comes back as a DataError instance in place of the row, so that callers
+    can skip it (``--skip-bad-rows``) or name it:
+
+    - JSONL: a line that is not UTF-8, not JSON, nested deeper than the parser goes, or holds an
+      integer of more than 4300 digits (Python's int-from-text limit);
+    - Parquet: every row of a row group that cannot be decoded (a corrupt page: the rest of its
+      group cannot be read past it; pages written with checksums are verified), and a row whose
+      text is not UTF-8. A file whose footer cannot be read is one error for the whole file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--prompt-data: no such file {str(path)!r}", field="prompt_data")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with path.open("r", encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {number}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"line {number}", DataError(f"not valid JSON ({err.msg})")
+        yield from _jsonl_rows(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as err:  # pyarrow raises several types for a file that is not Parquet
-            raise DataError(f"{path}: not a readable Parquet file ({err})", field="prompt_data") from None
-        number = 0
-        for batch in parquet.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                number += 1
-                yield f"row {number}", row
+        yield from _parquet_rows(path)
     else:
         raise DataError(f"--prompt-data: expected a .jsonl or .parquet file, got {str(path)!r}", field="prompt_data")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as f:  # bytes: one bad line must not stop the decoding of the others
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"line {number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield where, DataError(f"not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})")
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, DataError(f"not valid JSON ({err.msg})")
+            except RecursionError:
+                yield where, DataError("not usable JSON (nested too deeply)")
+            except ValueError as err:  # int("1" * 5000): more than sys.get_int_max_str_digits() digits
+                yield where, DataError(f"not usable JSON ({str(err).split(':')[0]})")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        groups = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({_one_line(err)})", field="prompt_data") from None
+    number = 0
+    for group, size in enumerate(groups):
+        done = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=4096, row_groups=[group]):
+                for row in _batch_rows(batch):
+                    number, done = number + 1, done + 1
+                    yield f"row {number}", row
+        except Exception as err:  # ArrowException / OSError: a page that cannot be decoded
+            bad = DataError(f"unreadable Parquet data in row group {group} ({_one_line(err)})")
+            for _ in range(size - done):  # the rest of the group cannot be read past it
+                number += 1
+                yield f"row {number}", bad
+
+
+def _batch_rows(batch: Any) -> list[Any]:
+    """The rows of a record batch as dicts; a row that cannot be converted (text that is not UTF-8)
+    becomes a DataError, the others convert as usual."""
+    try:
+        return batch.to_pylist()
+    except Exception:  # one bad value fails the whole batch: convert row by row to find it
+        rows: list[Any] = []
+        for i in range(batch.num_rows):
+            try:
+                rows.append(batch.slice(i, 1).to_pylist()[0])
+            except Exception as err:
+                rows.append(DataError(f"unreadable Parquet value ({_one_line(err)})"))
+        return rows
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def usable_rows(rows: Iterable[tuple[str, Any] | Any], fmt: PromptFormat, source: str,
+                stats: DatasetStats) -> Iterator[tuple[int, Any, list[dict[str, str]], Any, Any]]:
+    """(index, prompt, messages, label, metadata) of every usable row, in source order. A row that
+    cannot be used raises a one-line DataError naming ``source`` and the line/row, or with
+    ``fmt.skip_bad_rows`` is counted in ``stats`` (rows, bad_rows, bad_examples) and skipped.
+    ``rows``: (where, row) pairs as :func:`read_rows` yields them, or plain dicts. The dataset and
+    the trainer's task-vocabulary pre-pass both read rows through here, so they skip the same ones."""
+    for index, item in enumerate(rows):
+        where, row = item if isinstance(item, tuple) else (f"row {index + 1}", item)
+        stats.rows += 1
+        try:
+            prompt, label, metadata = _fields(row, fmt)
+            messages = _messages(prompt, fmt.input_key)
+            _check_text(label, fmt.label_key)
+            if isinstance(label, float) and not math.isfinite(label):  # JSON's NaN / Infinity
+                raise DataError(f"field {fmt.label_key!r} (--label-key): expected text or a finite number, got {label}")
+        except DataError as err:
+            if not fmt.skip_bad_rows:
+                raise DataError(f"{source}: {where}: {err} (or pass --skip-bad-rows)", field="prompt_data") from None
+            stats.bad_rows += 1
+            if len(stats.bad_examples) < 5:
+                stats.bad_examples.append(f"{where}: {err}")
+            continue
+        yield index, prompt, messages, label, metadata
 
 
 class PromptDataset(Sequence):
@@ -143,21 +224,8 @@ class PromptDataset(Sequence):
         """``rows``: (where, row) pairs as :func:`read_rows` yields, or plain dicts."""
         fmt = fmt or PromptFormat()
         stats = DatasetStats()
-        parsed: list[tuple[int, Any, Any, Any, str]] = []  # (row, prompt, label, metadata, rendered text)
-        for index, item in enumerate(rows):
-            where, row = item if isinstance(item, tuple) else (f"row {index + 1}", item)
-            stats.rows += 1
-            try:
-                prompt, label, metadata = _fields(row, fmt)
-                text = _render(prompt, tokenizer, fmt)
-            except DataError as err:
-                if not fmt.skip_bad_rows:
-                    raise DataError(f"{source}: {where}: {err} (or pass --skip-bad-rows)") from None
-                stats.bad_rows += 1
-                if len(stats.bad_examples) < 5:
-                    stats.bad_examples.append(f"{where}: {err}")
-                continue
-            parsed.append((index, prompt, label, metadata, text))
+        parsed = [(index, prompt, label, metadata, _render(messages, tokenizer, fmt))  # (…, rendered text)
+                  for index, prompt, messages, label, metadata in usable_rows(rows, fmt, source, stats)]
         # One batched call to the Rust tokenizer: much faster than row by row on 10⁴-row datasets.
         ids = tokenizer([p[4] for p in parsed], add_special_tokens=False)["input_ids"] if parsed else []
         records = []
@@ -191,20 +259,35 @@ def _fields(row: Any, fmt: PromptFormat) -> tuple[Any, Any, Any]:
 
 def _messages(prompt: Any, key: str) -> list[dict[str, str]]:
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, np.ndarray):  # Parquet list columns may arrive as arrays
-        prompt = prompt.tolist()
-    if (isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt)):
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise DataError(f"field {key!r} (--input-key): expected a string or a non-empty list of "
-                    f"{{role, content}} messages, got {_short(prompt)}")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        if isinstance(prompt, np.ndarray):  # Parquet list columns may arrive as arrays
+            prompt = prompt.tolist()
+        if not (isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in prompt)):
+            raise DataError(f"field {key!r} (--input-key): expected a string or a non-empty list of "
+                            f"{{role, content}} messages, got {_short(prompt)}")
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    for message in messages:
+        _check_text(message["content"], key)
+        _check_text(message["role"], key)
+    return messages
 
 
-def _render(prompt: Any, tokenizer: Any, fmt: PromptFormat) -> str:
+def _check_text(value: Any, key: str) -> None:
+    """Text the tokenizer will see must encode as UTF-8: JSON's "\\ud800" escapes decode to lone
+    surrogates, which the tokenizer refuses with a TypeError."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"field {key!r}: not valid UTF-8 text (a lone surrogate "
+                            f"{value[err.start]!r} at character {err.start + 1})") from None
+
+
+def _render(messages: list[dict[str, str]], tokenizer: Any, fmt: PromptFormat) -> str:
     """The prompt as text, ready to tokenize without added special tokens."""
-    messages = _messages(prompt, fmt.input_key)
     if not fmt.apply_chat_template:
         return "\n\n".join(m["content"] for m in messages)
     return tokenizer.apply_chat_template(
@@ -213,7 +296,10 @@ def _render(prompt: Any, tokenizer: Any, fmt: PromptFormat) -> str:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
+    try:
+        text = json.dumps(value, default=str)
+    except (ValueError, RecursionError):  # a huge integer, a structure nested too deeply
+        text = f"a {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -277,14 +363,21 @@ class PromptIterator:
         self._order = self._permutation(self.epoch)
 
 
-def dataset_from_config(data: Any, tokenizer: Any, seed: int) -> PromptDataset:
-    """``--prompt-data`` when given, else the synthetic arithmetic task of the embedded default."""
+def prompt_source(data: Any, seed: int) -> tuple[Iterable[Any], PromptFormat, str]:
+    """(rows, format, source name) of a data section: the ``--prompt-data`` file's rows (lazily),
+    else the synthetic arithmetic task of the embedded default."""
     fmt = PromptFormat.from_config(data)
     if data.prompt_data:
-        return PromptDataset.from_file(data.prompt_data, tokenizer, fmt)
+        return read_rows(data.prompt_data), fmt, str(data.prompt_data)
     from luspo_megatron.data.synthetic import make_dataset
 
     rows = make_dataset(data.synthetic_num_prompts, seed, [1.0] * data.synthetic_max_steps)
-    return PromptDataset.from_rows(rows, tokenizer, PromptFormat(metadata_key="extra_info", **{
+    return rows, PromptFormat(metadata_key="extra_info", **{
         k: getattr(fmt, k) for k in ("max_prompt_len", "apply_chat_template", "enable_thinking", "skip_bad_rows")
-    }), source="synthetic arithmetic")
+    }), "synthetic arithmetic"
+
+
+def dataset_from_config(data: Any, tokenizer: Any, seed: int) -> PromptDataset:
+    """``--prompt-data`` when given, else the synthetic arithmetic task of the embedded default."""
+    rows, fmt, source = prompt_source(data, seed)
+    return PromptDataset.from_rows(rows, tokenizer, fmt, source=source)

@@ -9,12 +9,13 @@ run in the :class:`~luspo_megatron.rewards.pool.RewardPool`; cheap ones (format)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from luspo_megatron.config.data import REWARD_KINDS  # the --reward choices live in config
-from luspo_megatron.errors import ConfigError
+from luspo_megatron.errors import ConfigError, RewardError
 from luspo_megatron.rewards.format import FORMAT_SCORE
 from luspo_megatron.rewards.math import AUTO_SCORE, DAPO_SCORE, MATH_SCORE
 from luspo_megatron.rewards.pool import RewardPool, ScoreStats, load_function
@@ -66,7 +67,9 @@ class Reward:
                 stats.add(term_stats)
             else:
                 terms[term.name] = [float(self._local[term.name](*item)) for item in items]
-        rewards = [sum(t.weight * terms[t.name][i] for t in self.terms) for i in range(len(items))]
+            _check_finite(f"reward {term.name!r} ({_source(term)}) returned", terms[term.name], items)
+        rewards = [sum(t.weight * terms[t.name][i] for t in self.terms) for i in range(len(items))]  # R = Σ_k w_k·r_k
+        _check_finite("the weighted sum of the reward terms is", rewards, items)
         return RewardResult(rewards=rewards, terms=terms, stats=stats)
 
     def close(self) -> None:
@@ -77,6 +80,24 @@ class Reward:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _source(term: RewardTerm) -> str:
+    return f"--custom-reward-path {term.fn}" if term.name == "custom" else term.fn
+
+
+def _excerpt(value: Any, limit: int = 40) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _check_finite(what: str, scores: Sequence[float], items: Sequence[tuple[str, Any, Any]]) -> None:
+    """A NaN or ±Inf reward would turn every advantage of its group into NaN: stop, naming the sample."""
+    for index, score in enumerate(scores):
+        if not math.isfinite(score):
+            response, label, _ = items[index]
+            raise RewardError(f"{what} {score} for sample {index} of {len(scores)} (response {_excerpt(response)}, "
+                              f"label {_excerpt(label)}): a reward must be a finite number", field="reward")
 
 
 def build_reward(

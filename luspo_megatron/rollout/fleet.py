@@ -50,6 +50,7 @@ def start_fleet(config: RolloutConfig, *, hf_dir: str | Path, seed: int = 0, log
     )
     if config.engine == "sglang":
         options["api_key"] = config.sglang_api_key
+        options["startup_timeout_s"] = config.startup_timeout_s  # the constructor's wait, not its 600 s default
         engine = (SGLangEngine.from_router(config.sglang_router, **options) if config.sglang_router
                   else SGLangEngine(list(config.sglang_url), **options))
         with engine:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 
 from luspo_megatron.config import RunConfig
 from luspo_megatron.errors import ConfigError, DataError
+
+logger = logging.getLogger("luspo_megatron.trainer")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
@@ -84,7 +87,11 @@ class RunAssets:
                 flag = "--sft-direct-fraction" if key == "direct_solution" else "--sft-key"
                 raise DataError(f"{flag}: row {record.row + 1} has no {key!r} column for the SFT warm-up",
                                 field="sft_key")
-            targets.append(str(row[key]))
+            target = str(row[key])
+            if target != _utf8(target):  # a lone surrogate (a JSON escape): the tokenizer would raise TypeError
+                raise DataError(f"--sft-key: row {record.row + 1}: column {key!r} is not valid UTF-8 text",
+                                field="sft_key")
+            targets.append(target)
         ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
         return [SFTExample(r.prompt_ids, list(x) + [eos], [0.0] * (len(x) + 1)) for r, x in zip(dataset.records, ids)]
 
@@ -117,27 +124,53 @@ def _raw_rows(config: RunConfig) -> list[dict[str, Any]]:
     return make_dataset(config.data.synthetic_num_prompts, config.seed, [1.0] * config.data.synthetic_max_steps)
 
 
-def _task_texts(config: RunConfig) -> tuple[list[str], list[list[dict[str, str]]]]:
-    """Every text of the task (prompts as chats, labels, reference solutions), for the task vocabulary."""
+@dataclass
+class TaskTexts:
+    """What the task vocabulary is built from, and the dataset's count of the rows read for it."""
+
+    texts: list[str]
+    chats: list[list[dict[str, str]]]
+    stats: Any  # data.dataset.DatasetStats: rows, bad_rows (skipped with --skip-bad-rows), bad_examples
+    source: str
+
+
+def _task_texts(config: RunConfig) -> TaskTexts:
+    """Every text of the task (prompts as chats, labels, reference solutions), for the task vocabulary.
+
+    Rows are read as the dataset reads them (``data.dataset.usable_rows``): a row the dataset
+    cannot use is a one-line DataError naming the file and its line/row, or with ``--skip-bad-rows``
+    it is skipped and counted exactly as the dataset will skip and count it."""
+    from luspo_megatron.data.dataset import DatasetStats, prompt_source, usable_rows
+
     texts, chats = [], []
     # The warm-up's pool needs the same vocabulary. Both synthetic draws come from one seeded
     # sequence, so the larger of the two contains the other.
     data = sft_data(config) if config.sft_warmup_steps else config.data
     if data.synthetic_num_prompts < config.data.synthetic_num_prompts:
         data = config.data
-    for row in _raw_rows(dataclasses.replace(config, data=data)):
-        prompt = row.get(config.data.input_key) if isinstance(row, dict) else None
-        if isinstance(prompt, list):
-            chats.append([{"role": m["role"], "content": m["content"]} for m in prompt])
-        elif prompt is not None:
-            texts.append(str(prompt))
+    rows, fmt, source = prompt_source(data, config.seed)
+    rows = list(rows)
+    stats = DatasetStats()
+    for index, prompt, messages, label, _ in usable_rows(rows, fmt, source, stats):
+        row = rows[index][1] if isinstance(rows[index], tuple) else rows[index]
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        else:
+            chats.append(messages)
         for key in (config.data.sft_key, "direct_solution"):
             if isinstance(row, dict) and key in row:
-                texts.append(str(row[key]))
-        label = row.get("reward_model", {}).get("ground_truth") if isinstance(row, dict) else None
-        if label is not None:
-            texts.append(f"\\boxed{{{label}}}")
-    return texts, chats
+                texts.append(_utf8(str(row[key])))
+        texts.append(_utf8(f"\\boxed{{{label}}}"))
+    if stats.bad_rows:
+        logger.warning("task vocabulary: %s: %d of %d rows skipped (--skip-bad-rows), e.g. %s", source,
+                       stats.bad_rows, stats.rows, stats.bad_examples[0])
+    return TaskTexts(texts, chats, stats, source)
+
+
+def _utf8(text: str) -> str:
+    """``text`` as the tokenizer can take it: lone surrogates (from JSON escapes) become "?"; the
+    restricted vocabulary keeps every byte, so no text it is later asked to encode is lost."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _fingerprint(*paths: Path) -> str:
@@ -194,8 +227,8 @@ def prepare(config: RunConfig, root: str | Path) -> RunAssets:
         elif config.model.vocab == "task":
             tokenizer_dir = root / "tokenizer"
             if not (tokenizer_dir / "tokenizer.json").is_file():
-                texts, chats = _task_texts(config)
-                restrict_tokenizer(texts, tokenizer_dir, chats=chats)
+                task = _task_texts(config)
+                restrict_tokenizer(task.texts, tokenizer_dir, chats=task.chats)
         else:
             tokenizer_dir = qwen3_tokenizer_dir()
         hf_dir = root / "hf_init"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -53,3 +54,13 @@ def raises(response: str, label, metadata=None) -> float:
     if response == "bug":
         raise ZeroDivisionError("user reward bug")
     return 1.0
+
+
+def nonfinite(response: str, label, metadata=None) -> float:
+    """A reward with a bug: "nan", "inf", "-inf" responses score as those floats (as does any response
+    whose first line is "nan"); "huge" scores 1e308."""
+    if response in ("nan", "inf", "-inf"):
+        return float(response)
+    if response.startswith("nan\n"):
+        return math.nan
+    return 1e308 if response == "huge" else 1.0

@@ -49,7 +49,7 @@ def _check_guarded(engines, tiny_moe, allowed) -> None:
 
 def test_local_servers_require_the_run_s_random_key_and_read_weights_only_where_allowed(tiny_moe, tmp_path,
                                                                                         monkeypatch):
-    """The trainer's hook (docs/reliability_server.md): its servers get a key of their own, passed to
+    """The trainer's hook (docs/reliability.md §1): its servers get a key of their own, passed to
     them through the environment (not their command line, which every user of the machine can read),
     and load weights only from the directories the trainer writes."""
     import psutil

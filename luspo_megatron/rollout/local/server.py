@@ -9,7 +9,7 @@ sampling params, ``sampling_seed``, log-prob triples, ``finish_reason`` objects,
 routes of :mod:`.weight_routes` (``/update_weights_from_{disk,tensor,distributed}``,
 ``/{init,destroy}_weights_update_group``, ``/get_weights_by_name``).
 
-As a service (docs/reliability_server.md): ``--api-key`` as sglang checks it (:mod:`.auth`); every
+As a service (docs/reliability.md §1): ``--api-key`` as sglang checks it (:mod:`.auth`); every
 body validated with limits before it reaches the model (:mod:`.requests`); a request that fails
 fails alone, a disconnected client's rows are cancelled (:mod:`.scheduler`); ``/health_generate``
 answers 200 only when the model thread makes progress within ``--health-timeout-s``; weight updates

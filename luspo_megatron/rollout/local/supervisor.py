@@ -6,7 +6,7 @@ the weights the trainer last synced, and the weight version to match. Requests t
 fail with a connection error, which the SGLang client retries with backoff, so a step's finished
 samples are kept and its lost ones regenerated (docs/design.md §4, step 2: never drop a sample).
 
-The servers are guarded as any shared service (docs/reliability_server.md): they require
+The servers are guarded as any shared service (docs/reliability.md §1): they require
 :attr:`LocalEngines.api_key` (random per run unless ``$LUSPO_ROLLOUT_API_KEY`` is set; give it to
 the client: ``SGLangEngine(engines.urls, api_key=engines.api_key)``), and, when the trainer passes
 ``allowed_weight_dirs`` (the directories it writes weights to), read weights from nowhere else.

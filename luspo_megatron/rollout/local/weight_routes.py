@@ -3,7 +3,7 @@
 Same request and response JSON as sglang 0.5.23 (its ``http_server.py`` and ``io_struct.py``):
 ``{"success", "message"}`` with HTTP 200, or HTTP 400 and the old weights and weight version kept.
 
-What is all or nothing (docs/reliability_server.md):
+What is all or nothing (docs/reliability.md §1):
 
 - ``/update_weights_from_disk``: the whole model. The directory is read and checked completely
   (:mod:`.weight_files`) before the model lock is taken; the copy then cannot fail half-way.
