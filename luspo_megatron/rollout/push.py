@@ -1,0 +1,258 @@
+"""One trainer rank's share of a weight sync: its own (HF name, tensor) stream to the engines.
+
+    pusher = ShardPusher(rank)                       # one per process; keeps its HTTP session and group
+    report = pusher.push(plan, policy.hf_weights())  # a ShardReport; never raises for a failed sync
+
+The stream is cut into ``--update-weight-buffer-size`` buckets and sent the plan's way
+(``rollout/updates.py``): written as this rank's safetensors shards (disk), posted to every engine
+(tensor), or broadcast through this rank's own update group (distributed). The stream is a
+collective of the exporter (``parallel/export.py``): it is always iterated to the end, also after
+a failure (then without sending), so that no other rank is left waiting in a gather. A failure is
+returned in the report, naming the server, and in distributed mode also announced to the other
+owning ranks through the lock's store, so that they stop sending too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from luspo_megatron.errors import RolloutError
+from luspo_megatron.rollout import weight_sync
+from luspo_megatron.rollout.engine import WeightStream
+from luspo_megatron.rollout.sync_plan import ShardReport, SyncPlan, this_host
+from luspo_megatron.rollout.weight_sync import Bucket, TicketLock, UpdateGroup, bucket_by_bytes
+from luspo_megatron.rollout.workers import WorkerPool, check_all, describe
+from luspo_megatron.runtime.distributed import free_port
+
+log = logging.getLogger("luspo_megatron.rollout")
+
+
+class _OtherRankFailed(Exception):
+    """Another owning rank failed this sync: stop sending (its report carries the error)."""
+
+
+class ShardPusher:
+    """Pushes one rank's tensors (module docstring). ``pool``: an existing HTTP pool to reuse (the
+    coordinator's, in one process); otherwise one is made on first use for the plan's workers."""
+
+    def __init__(self, rank: int, pool: WorkerPool | None = None) -> None:
+        self.rank = rank
+        self._pool, self._own_pool = pool, False
+        self._store: dist.TCPStore | None = None
+        self._store_addr: tuple[str, int] | None = None
+        self.group: UpdateGroup | None = None
+        self._group_key: tuple | None = None
+        self._group_urls: tuple[str, ...] = ()
+
+    # -------------------------------------------------------------------------------------- push
+    def push(self, plan: SyncPlan, weights: WeightStream) -> ShardReport:
+        report = ShardReport(self.rank)
+        stream = iter(weights)
+        buckets = _counted(bucket_by_bytes(stream, plan.bucket_bytes), report)
+        try:
+            if plan.mode == "disk":
+                assert plan.stage_dir is not None
+                report.weight_map = weight_sync.write_shards(buckets, plan.stage_dir, f"model-rank{self.rank:05d}")
+            elif plan.mode == "tensor":
+                self._tensor(plan, buckets)
+            else:
+                self._distributed(plan, buckets)
+        except _OtherRankFailed:
+            pass
+        except RolloutError as err:
+            report.error = str(err)
+        except Exception as err:  # a disk error, a broken group, a bug: the sync fails on every rank
+            log.exception("weight sync, rank %d", self.rank)
+            report.error = f"weight sync, trainer rank {self.rank}: {type(err).__name__}: {err}"
+        if report.error is not None and plan.groups is not None:
+            self._announce_failure(plan, report.error)
+        for _ in stream:  # keep the exporter's collectives in step with the other ranks
+            pass
+        return report
+
+    def close(self) -> None:
+        self.close_group()
+        if self._own_pool and self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    # ------------------------------------------------------------------------------------ tensor
+    def _tensor(self, plan: SyncPlan, buckets: Iterable[Bucket]) -> None:
+        pool = self._http(plan)
+
+        async def post(bucket: Bucket) -> None:
+            entry = weight_sync.serialize_named_tensors(bucket)
+            path = "/update_weights_from_tensor"
+            results = await asyncio.gather(*(pool.post(u, path, {
+                "serialized_named_tensors": [entry] * tp, "flush_cache": False, "weight_version": plan.version})
+                for u, tp in zip(plan.urls, plan.tp_sizes)), return_exceptions=True)
+            check_all(list(plan.urls), path, results)
+
+        for bucket in buckets:
+            pool.call(post(bucket))
+
+    # ------------------------------------------------------------------------------- distributed
+    def _distributed(self, plan: SyncPlan, buckets: Iterable[Bucket]) -> None:
+        g = plan.groups
+        assert g is not None
+        pool, store = self._http(plan), self._lock_store(plan)
+        prefix = f"sync{plan.sync_id}"
+        first = True
+        for bucket in buckets:
+            with TicketLock(store, prefix, g.timeout_s):
+                if store.check([f"{prefix}/failed"]):
+                    raise _OtherRankFailed
+                try:
+                    if first:
+                        self._ensure_group(plan, pool)
+                        first = False
+                    pool.call(self._broadcast(plan, pool, bucket))
+                except BaseException as err:
+                    store.set(f"{prefix}/failed", str(err)[:500])  # before the next holder looks
+                    raise
+
+    def _ensure_group(self, plan: SyncPlan, pool: WorkerPool) -> None:
+        """This rank's update group with the plan's engines (made again when the plan's
+        generation or workers change; the old one is destroyed on the engines first)."""
+        g = plan.groups
+        assert g is not None
+        key = (g.generation, plan.urls, g.world_size)
+        if self.group is not None and self._group_key == key:
+            return
+        self.close_group()
+        name = f"{g.prefix}-g{g.generation}-r{self.rank}"
+        host = g.master_addr or this_host()
+        port = g.master_port + self.rank if g.master_port else free_port(host)
+        body = {"master_address": host, "master_port": port, "world_size": g.world_size, "group_name": name,
+                "backend": g.backend}
+
+        async def init() -> UpdateGroup:
+            posts = [asyncio.ensure_future(pool.post(u, "/init_weights_update_group", {**body, "rank_offset": off},
+                                                     g.timeout_s)) for u, off in zip(plan.urls, g.rank_offsets)]
+            make = lambda: UpdateGroup(host, port, 0, g.world_size, name, g.backend, g.timeout_s)  # noqa: E731
+            return await _with_posts(make, posts, list(plan.urls), "/init_weights_update_group",
+                                     f"update group {name} at {host}:{port}")
+
+        self.group = pool.call(init())
+        self._group_key, self._group_urls = key, plan.urls
+
+    async def _broadcast(self, plan: SyncPlan, pool: WorkerPool, bucket: Bucket) -> None:
+        """Post the bucket's names/dtypes/shapes to every engine, then broadcast its tensors in that order."""
+        group = self.group
+        assert group is not None and plan.groups is not None
+        device = "cpu" if plan.groups.backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
+        tensors = [t.detach().to(device).contiguous() for _, t in bucket]
+        meta = {"names": [n for n, _ in bucket], "dtypes": [weight_sync.dtype_name(t.dtype) for t in tensors],
+                "shapes": [list(t.shape) for t in tensors], "group_name": group.name, "flush_cache": False,
+                "weight_version": plan.version}
+        path = "/update_weights_from_distributed"
+        posts = [asyncio.ensure_future(pool.post(u, path, meta, plan.groups.timeout_s)) for u in plan.urls]
+        await _with_posts(lambda: group.broadcast(tensors), posts, list(plan.urls), path,
+                          f"broadcast in update group {group.name}")
+
+    def close_group(self) -> None:
+        """Destroy this rank's update group on its engines (best effort) and here."""
+        if self.group is None:
+            return
+        group, urls = self.group, self._group_urls
+        self.group, self._group_key = None, None
+        if self._pool is not None and urls:
+            async def destroy() -> None:
+                await asyncio.gather(*(self._pool.post(u, "/destroy_weights_update_group", {"group_name": group.name},
+                                                       30.0) for u in urls), return_exceptions=True)
+            self._pool.call(destroy())
+        group.close()
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def _http(self, plan: SyncPlan) -> WorkerPool:
+        if self._pool is None:
+            self._pool, self._own_pool = WorkerPool(list(plan.urls)), True
+        if plan.headers:
+            self._pool.session.headers.update(dict(plan.headers))  # the coordinator's API key
+        return self._pool
+
+    def _lock_store(self, plan: SyncPlan) -> dist.TCPStore:
+        assert plan.groups is not None
+        if self._store is None or self._store_addr != plan.groups.lock:
+            host, port = plan.groups.lock
+            self._store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=plan.groups.timeout_s))
+            self._store_addr = plan.groups.lock
+        return self._store
+
+    def _announce_failure(self, plan: SyncPlan, message: str) -> None:
+        try:
+            self._lock_store(plan).set(f"sync{plan.sync_id}/failed", message[:500])
+        except Exception as err:  # the coordinator's store is gone too: the report still carries the error
+            log.warning("could not tell the other ranks that the sync failed: %s", err)
+
+
+def _counted(buckets: Iterator[Bucket], report: ShardReport) -> Iterator[Bucket]:
+    for bucket in buckets:
+        report.tensors += len(bucket)
+        report.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        yield bucket
+
+
+async def _with_posts(blocking: Callable[[], Any], posts: list[asyncio.Future], urls: list[str], path: str,
+                      what: str) -> Any:
+    """Run ``blocking()`` (a group join or broadcast, which needs the engines' side too) in a thread
+    while the HTTP requests that make the engines take part are in flight. A request that fails
+    first is the error (naming its server), at once: the blocking call would otherwise wait for
+    that engine until the group's timeout. It is left behind in its daemon thread, and the group is
+    made again at the next sync."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run() -> None:
+        try:
+            result, error = blocking(), None
+        except BaseException as err:  # delivered to the event loop below
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the pool's loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(_settle, done, result, error)
+
+    threading.Thread(target=run, name="weight-sync-collective", daemon=True).start()
+    pending = {done, *posts}
+    try:
+        while done in pending:
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            failures = [(urls[posts.index(p)], p) for p in finished if p is not done and _failed(p)]
+            if failures:
+                url, post = failures[0]
+                check_all([url], path, [post.exception() or post.result()])
+        results = await asyncio.gather(*posts, return_exceptions=True)
+    except BaseException:
+        for post in posts:
+            post.cancel()
+        raise
+    check_all(urls, path, results)
+    if done.exception() is not None:
+        raise RolloutError(f"{what}: {describe(done.exception())} (engines {', '.join(urls)})")
+    return done.result()
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def _failed(post: asyncio.Future) -> bool:
+    if post.cancelled():
+        return True
+    if post.exception() is not None:
+        return True
+    status, answer = post.result()
+    return status != 200 or (isinstance(answer, dict) and answer.get("success") is False)
