@@ -99,6 +99,7 @@ class ShardPusher:
 
         for bucket in buckets:
             pool.call(post(bucket))
+            del bucket  # before the next bucket is built
 
     # ------------------------------------------------------------------------------- distributed
     def _distributed(self, plan: SyncPlan, buckets: Iterable[Bucket]) -> None:
@@ -119,6 +120,7 @@ class ShardPusher:
                 except BaseException as err:
                     store.set(f"{prefix}/failed", str(err)[:500])  # before the next holder looks
                     raise
+            del bucket  # before the next bucket is built
 
     def _ensure_group(self, plan: SyncPlan, pool: WorkerPool) -> None:
         """This rank's update group with the plan's engines (made again when the plan's
@@ -200,6 +202,7 @@ def _counted(buckets: Iterator[Bucket], report: ShardReport) -> Iterator[Bucket]
         report.tensors += len(bucket)
         report.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         yield bucket
+        del bucket  # not kept while the next one is built
 
 
 async def _with_posts(blocking: Callable[[], Any], posts: list[asyncio.Future], urls: list[str], path: str,

@@ -85,10 +85,12 @@ def write_shards(buckets: Iterable[Bucket], directory: str | Path, prefix: str =
     writes from their memory and accepts disjoint views of one storage (gate/up of a fused fc1)."""
     directory = Path(directory)
     weight_map: dict[str, str] = {}
-    for index, bucket in enumerate(buckets):
+    index = 0
+    for bucket in buckets:  # not enumerate(): its cached result tuple would keep this bucket alive
+        index += 1          # while the next one is built
         if not bucket:
             continue
-        shard = f"{prefix}-{index + 1:05d}.safetensors"
+        shard = f"{prefix}-{index:05d}.safetensors"
         tensors = {}
         for name, t in bucket:
             if name in tensors or name in weight_map:
@@ -97,7 +99,7 @@ def write_shards(buckets: Iterable[Bucket], directory: str | Path, prefix: str =
         save_file(tensors, str(directory / shard), metadata={"format": "pt"})
         fsync_path(directory / shard)
         weight_map.update(dict.fromkeys(tensors, shard))
-        del tensors
+        del tensors, bucket  # before the next bucket is built: one bucket alive here, not two
     return weight_map
 
 

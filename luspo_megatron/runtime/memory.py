@@ -11,10 +11,11 @@ page the process touched at once, whoever allocated it (torch tensors, Python by
 gloo buffers), not what one allocator chooses to report. Two things could hide memory from it, and
 both are removed: free heap memory that glibc keeps resident from before the region and hands out
 again (``malloc_trim(0)`` returns it to the kernel before the start), and large blocks recycled
-inside the heap during the region (run the process with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
-every block of 64 KiB or more is its own mapping, given back to the kernel when freed;
-:func:`mmap_threshold_set` says whether it is). What remains is an upper bound of what the code
-held, up to the small blocks of the Python and allocator bookkeeping.
+inside the heap during the region (run the process with :data:`MMAP_THRESHOLD_ENV`,
+``MALLOC_MMAP_THRESHOLD_=4096``, so that every block of a page or more is its own mapping, given
+back to the kernel when freed; :func:`mmap_threshold_set` says whether it is). What remains is
+what the code held, to the granularity of the kernel's resident-set counter (per-CPU batches of
+pages: tens of KiB), plus the small blocks of the Python and allocator bookkeeping.
 
 CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
 ``memory_allocated()`` at the start (the caching allocator's exact count of live tensor bytes).
@@ -29,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-MMAP_THRESHOLD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # the environment a measured process needs
+MMAP_THRESHOLD_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096"}  # the environment a measured process needs
 
 
 def mmap_threshold_set() -> bool:
-    """True when glibc was told to map every block ≥ 64 KiB on its own (see the module docstring)."""
+    """True when glibc was told to map every block of 64 KiB or more on its own (module docstring)."""
     value = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     return value is not None and value.isdigit() and int(value) <= 65536
 
