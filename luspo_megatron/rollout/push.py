@@ -34,6 +34,8 @@ from luspo_megatron.rollout.workers import WorkerPool, check_all, describe
 from luspo_megatron.runtime.distributed import free_port
 
 log = logging.getLogger("luspo_megatron.rollout")
+POST_GRACE_S = 10.0  # after a failed broadcast: how long the engines' answers may take to name the culprit
+DESTROY_TIMEOUT_S = 5.0  # /destroy_weights_update_group of a group being replaced (best effort)
 
 
 class _OtherRankFailed(Exception):
@@ -52,6 +54,8 @@ class ShardPusher:
         self.group: UpdateGroup | None = None
         self._group_key: tuple | None = None
         self._group_urls: tuple[str, ...] = ()
+        self._abandoned = False  # a broadcast or join of self.group was left running in its thread
+        self._graveyard: list[UpdateGroup] = []
 
     # -------------------------------------------------------------------------------------- push
     def push(self, plan: SyncPlan, weights: WeightStream) -> ShardReport:
@@ -142,7 +146,7 @@ class ShardPusher:
                                                      g.timeout_s)) for u, off in zip(plan.urls, g.rank_offsets)]
             make = lambda: UpdateGroup(host, port, 0, g.world_size, name, g.backend, g.timeout_s)  # noqa: E731
             return await _with_posts(make, posts, list(plan.urls), "/init_weights_update_group",
-                                     f"update group {name} at {host}:{port}")
+                                     f"update group {name} at {host}:{port}", self._abandon)
 
         self.group = pool.call(init())
         self._group_key, self._group_urls = key, plan.urls
@@ -159,20 +163,31 @@ class ShardPusher:
         path = "/update_weights_from_distributed"
         posts = [asyncio.ensure_future(pool.post(u, path, meta, plan.groups.timeout_s)) for u in plan.urls]
         await _with_posts(lambda: group.broadcast(tensors), posts, list(plan.urls), path,
-                          f"broadcast in update group {group.name}")
+                          f"broadcast in update group {group.name}", self._abandon)
+
+    def _abandon(self) -> None:
+        self._abandoned = True
 
     def close_group(self) -> None:
-        """Destroy this rank's update group on its engines (best effort) and here."""
+        """Destroy this rank's update group here, then on its engines (best effort, briefly).
+
+        Here first: closing our sockets ends any receive an engine is still stuck in for a
+        broadcast that failed. A group whose broadcast thread was abandoned mid-call
+        (:func:`_with_posts`) is only dropped, never destroyed (its destructor would wait for it)."""
         if self.group is None:
             return
-        group, urls = self.group, self._group_urls
+        group, urls, name = self.group, self._group_urls, self.group.name
         self.group, self._group_key = None, None
+        if self._abandoned:
+            self._graveyard.append(group)
+        else:
+            group.close()
+        self._abandoned = False
         if self._pool is not None and urls:
             async def destroy() -> None:
-                await asyncio.gather(*(self._pool.post(u, "/destroy_weights_update_group", {"group_name": group.name},
-                                                       30.0) for u in urls), return_exceptions=True)
+                await asyncio.gather(*(self._pool.post(u, "/destroy_weights_update_group", {"group_name": name},
+                                                       DESTROY_TIMEOUT_S) for u in urls), return_exceptions=True)
             self._pool.call(destroy())
-        group.close()
 
     # ------------------------------------------------------------------------------------ plumbing
     def _http(self, plan: SyncPlan) -> WorkerPool:
@@ -206,12 +221,12 @@ def _counted(buckets: Iterator[Bucket], report: ShardReport) -> Iterator[Bucket]
 
 
 async def _with_posts(blocking: Callable[[], Any], posts: list[asyncio.Future], urls: list[str], path: str,
-                      what: str) -> Any:
+                      what: str, on_abandon: Callable[[], None]) -> Any:
     """Run ``blocking()`` (a group join or broadcast, which needs the engines' side too) in a thread
     while the HTTP requests that make the engines take part are in flight. A request that fails
     first is the error (naming its server), at once: the blocking call would otherwise wait for
-    that engine until the group's timeout. It is left behind in its daemon thread, and the group is
-    made again at the next sync."""
+    that engine until the group's timeout. It is then left in its daemon thread (``on_abandon``),
+    and the group is made again at the next sync."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -224,23 +239,35 @@ async def _with_posts(blocking: Callable[[], Any], posts: list[asyncio.Future], 
             loop.call_soon_threadsafe(_settle, done, result, error)
 
     threading.Thread(target=run, name="weight-sync-collective", daemon=True).start()
-    pending = {done, *posts}
+    pending: set[asyncio.Future] = {done, *posts}
     try:
         while done in pending:
             finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            failures = [(urls[posts.index(p)], p) for p in finished if p is not done and _failed(p)]
-            if failures:
-                url, post = failures[0]
-                check_all([url], path, [post.exception() or post.result()])
+            _raise_first_failure(finished - {done}, posts, urls, path)
+        if done.exception() is not None:
+            # Which engine broke it? Its request fails soon (a dead one at once); a live engine
+            # still waiting for its share would wait until its group's timeout: do not wait for it.
+            deadline = loop.time() + POST_GRACE_S
+            while pending and loop.time() < deadline:
+                finished, pending = await asyncio.wait(pending, timeout=deadline - loop.time(),
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                _raise_first_failure(finished, posts, urls, path)
+            raise RolloutError(f"{what}: {describe(done.exception())} (engines {', '.join(urls)})")
         results = await asyncio.gather(*posts, return_exceptions=True)
-    except BaseException:
+    finally:
+        if not done.done():
+            on_abandon()
         for post in posts:
-            post.cancel()
-        raise
+            post.cancel()  # no-op for the finished ones
     check_all(urls, path, results)
-    if done.exception() is not None:
-        raise RolloutError(f"{what}: {describe(done.exception())} (engines {', '.join(urls)})")
     return done.result()
+
+
+def _raise_first_failure(finished: set[asyncio.Future], posts: list[asyncio.Future], urls: list[str],
+                         path: str) -> None:
+    for post, url in zip(posts, urls):
+        if post in finished and _failed(post):
+            check_all([url], path, [post.exception() or post.result()])
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -254,7 +281,7 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 
 def _failed(post: asyncio.Future) -> bool:
     if post.cancelled():
-        return True
+        return False
     if post.exception() is not None:
         return True
     status, answer = post.result()
