@@ -131,7 +131,7 @@ class ShardPusher:
         generation or workers change; the old one is destroyed on the engines first)."""
         g = plan.groups
         assert g is not None
-        key = (g.generation, plan.urls, g.world_size)
+        key = (g.prefix, g.generation, plan.urls, g.world_size)
         if self.group is not None and self._group_key == key:
             return
         self.close_group()

@@ -35,6 +35,7 @@ import itertools
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ class WeightUpdater:
         self.master, self.timeout_s = master, timeout_s
         self.on_published = on_published  # e.g. a supervisor: what a restarted server must load
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.group_prefix = "luspo-weights"
+        self.group_prefix = f"luspo-{uuid.uuid4().hex[:8]}"  # this coordinator's groups: never an old name
         self.pusher = ShardPusher(0, pool)  # this process's own share when it is the whole trainer
         self._sync_ids = itertools.count(1)
         self._generation, self._group_key, self._groups_broken = 0, None, False
@@ -105,10 +106,10 @@ class WeightUpdater:
         """The distributed path with buckets given by the caller (one process)."""
         self._direct("distributed", buckets, weight_version)
 
-    def init_group(self, master_address: str, master_port: int | None = None, *, group_name: str = "luspo-weights",
+    def init_group(self, master_address: str, master_port: int | None = None, *, group_name: str | None = None,
                    backend: str | None = None, timeout_s: float | None = None) -> None:
         """Where the next distributed sync makes its update group (it is made then, with the engines)."""
-        self.master, self.group_prefix = (master_address, master_port), group_name
+        self.master, self.group_prefix = (master_address, master_port), group_name or self.group_prefix
         self.backend = backend or self.backend
         self.timeout_s = timeout_s or self.timeout_s
         self._groups_broken = True
