@@ -39,7 +39,8 @@ class RolloutConfig:
     update_weight_master_addr: str | None = opt(
         None, "--update-weight-master-addr",
         help="--weight-sync distributed: the address the engines join the trainer's update groups at (each "
-             "owning rank hosts its own group); default: each owning rank's own host.",
+             "owning rank hosts its own group); default: each owning rank's own address on its route to the "
+             "engines.",
     )
     update_weight_master_port: int | None = opt(
         None, "--update-weight-master-port",

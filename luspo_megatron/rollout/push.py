@@ -136,7 +136,7 @@ class ShardPusher:
             return
         self.close_group()
         name = f"{g.prefix}-g{g.generation}-r{self.rank}"
-        host = g.master_addr or this_host()
+        host = g.master_addr or this_host(toward=plan.urls[0])
         port = g.master_port + self.rank if g.master_port else free_port(host)
         body = {"master_address": host, "master_port": port, "world_size": g.world_size, "group_name": name,
                 "backend": g.backend}
@@ -149,7 +149,7 @@ class ShardPusher:
                                      f"update group {name} at {host}:{port}", self._abandon)
 
         self.group = pool.call(init())
-        self._group_key, self._group_urls = key, plan.urls
+        self._group_key, self._group_urls, self._abandoned = key, plan.urls, False
 
     async def _broadcast(self, plan: SyncPlan, pool: WorkerPool, bucket: Bucket) -> None:
         """Post the bucket's names/dtypes/shapes to every engine, then broadcast its tensors in that order."""
@@ -257,6 +257,9 @@ async def _with_posts(blocking: Callable[[], Any], posts: list[asyncio.Future], 
     finally:
         if not done.done():
             on_abandon()
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())  # its late outcome: retrieved
+        elif not done.cancelled():
+            done.exception()  # retrieved: a failed post may have been the error raised
         for post in posts:
             post.cancel()  # no-op for the finished ones
     check_all(urls, path, results)

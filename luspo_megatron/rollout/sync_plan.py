@@ -9,6 +9,7 @@ group as SGLang does.
 from __future__ import annotations
 
 import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +74,18 @@ def engine_ranks(url: str, info: dict[str, Any]) -> int:
     return gpus
 
 
-def this_host() -> str:
-    """An address of this host the engines can reach (its name's address; loopback alone as a last resort)."""
+def this_host(toward: str | None = None) -> str:
+    """An address of this host that the engines can reach: the local address of the route toward
+    ``toward`` (an engine URL; a UDP "connect" sends nothing, the kernel only picks the route), else
+    the address this host's name resolves to, else loopback."""
+    if toward:
+        host = urllib.parse.urlsplit(toward).hostname
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((host, 9))
+                return probe.getsockname()[0]
+        except (OSError, TypeError):
+            pass
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:

@@ -60,7 +60,8 @@ class WeightUpdater:
     """The coordinator of the syncs to the workers of a :class:`WorkerPool` (module docstring).
 
     ``master`` = (``--update-weight-master-addr``, ``--update-weight-master-port``): where the
-    engines reach the owning ranks' update groups; None: each owning rank's own host, a free port.
+    engines reach the owning ranks' update groups (rank r: port + r); None: each owning rank's own
+    address toward the engines, a free port.
     """
 
     def __init__(self, pool: WorkerPool, mode: str = "disk", *, weights_dir: str | Path | None = None,

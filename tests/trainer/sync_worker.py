@@ -16,6 +16,7 @@ Scenarios (``--scenarios``), each ``layout:mode:version[:fault]``; faults:
 """
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -110,6 +111,7 @@ def main() -> None:
 
     init_process_group()
     rank = dist.get_rank()
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang shows where it is, and ends
     urls, pids = args.urls.split(","), [int(p) for p in args.pids.split(",")]
     engines = {}
     if rank == 0:
@@ -117,6 +119,9 @@ def main() -> None:
             engines[mode] = SGLangEngine(urls, weight_sync=mode, weights_dir=args.weights_dir,
                                          config_dir=args.policy_dir, bucket_bytes=args.bucket_bytes,
                                          startup_timeout_s=120, max_retries=0)
+            # A broadcast that a fault leaves waiting in its gloo thread gives up after this (gloo
+            # cannot be cancelled): the process must not wait the 600 s default at exit.
+            engines[mode].updater.timeout_s = 30.0
     records, built = [], None
     for scenario in args.scenarios.split(","):
         layout, mode, version, *fault = scenario.split(":")
@@ -143,6 +148,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         after = observe(urls) if rank == 0 else None
         files = sorted(os.listdir(args.weights_dir)) if rank == 0 and os.path.isdir(args.weights_dir) else []
+        print(f"rank {rank}: {scenario}: {time.perf_counter() - start:.2f} s, {error}", flush=True)
         records.append({"scenario": scenario, "error": error, "before": before, "after": after, "files": files,
                         "seconds": seconds})
         dist.barrier()
@@ -151,6 +157,7 @@ def main() -> None:
     torch.save(records, f"{args.out}.rank{rank}")
     dist.barrier()
     dist.destroy_process_group()
+    print(f"rank {rank}: done", flush=True)
 
 
 if __name__ == "__main__":

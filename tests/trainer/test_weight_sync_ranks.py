@@ -6,9 +6,10 @@ sync both servers generate the greedy continuation of model B, with log-probs wi
 float64 forward, and report the step's version; before it they were reset to model A and
 generated A's. (Read back by generation: /get_weights_by_name is not on this branch.)
 
-Faults: a server answering a bucket with HTTP 400, a server killed mid-sync, and a dead server at
-the start of a disk sync each give every trainer rank the RolloutError naming that server, and
-leave every reachable server resumed and generating.
+Faults: a server answering a bucket with HTTP 400 (slow test; the next sync rebuilds the update
+groups and succeeds), a server killed mid-sync, and a dead server at the start of a disk sync each
+give every trainer rank the RolloutError naming that server, within seconds, and leave every
+reachable server resumed and generating.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ WORKER = Path(__file__).with_name("sync_worker.py")
 PROMPT, STEPS = [11, 12, 13], 8
 OK = ["ep2:disk:7", "ep2:distributed:8", "ep2:distributed:9", "ep2:tensor:10", "tp2:disk:11",
       "tp2:distributed:12", "pp2:distributed:13"]
-FAULTS = ["ep2:distributed:20", "ep2:distributed:21:sabotage", "ep2:distributed:22", "ep2:distributed:23:kill",
-          "ep2:disk:24"]
+REFUSED = ["ep2:distributed:20", "ep2:distributed:21:sabotage", "ep2:distributed:22"]
+KILLED = ["ep2:distributed:23", "ep2:distributed:24:kill", "ep2:disk:25"]
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +88,11 @@ def test_disk_distributed_and_tensor_syncs_from_two_ranks_reach_both_servers(mod
     assert {f.split("-")[1] for f in tp2_disk if f.endswith(".safetensors")} == {"rank00000"}
 
 
-def test_a_failed_sync_names_the_server_on_every_rank_and_resumes_the_others(models, tmp_path):
+@pytest.mark.slow
+def test_a_refused_bucket_names_the_server_on_every_rank_and_the_next_sync_recovers(models, tmp_path):
     a, b = models
-    (rank0, rank1), urls = run(models, tmp_path, FAULTS)
-    ok, refused, recovered, killed, dead_at_start = zip(rank0, rank1)
+    (rank0, rank1), urls = run(models, tmp_path, REFUSED)
+    ok, refused, recovered = zip(rank0, rank1)
     for record, version in ((ok, "20"), (recovered, "22")):
         assert record[0]["error"] is None and record[1]["error"] is None, record
         for after in record[0]["after"]:
@@ -100,6 +102,16 @@ def test_a_failed_sync_names_the_server_on_every_rank_and_resumes_the_others(mod
     for record in refused:
         assert record["error"] and f"{urls[1]}/update_weights_from_distributed: HTTP 400" in record["error"]
     assert all(o["up"] for o in refused[0]["after"]), refused[0]["after"]
+    assert all(r["seconds"] < 20 for r in rank0 + rank1)  # nobody waited for a timeout
+
+
+def test_a_server_killed_mid_sync_or_dead_names_it_on_every_rank_and_the_other_generates(models, tmp_path):
+    a, b = models
+    (rank0, rank1), urls = run(models, tmp_path, KILLED)
+    ok, killed, dead_at_start = zip(rank0, rank1)
+    assert ok[0]["error"] is None and ok[1]["error"] is None
+    for after in ok[0]["after"]:
+        assert_serves(b, after, "23")
     # Killed in the middle of the broadcasts: the error names it; the other server generates.
     for record in killed:
         assert record["error"] and urls[1] in record["error"], record["error"]
@@ -108,4 +120,4 @@ def test_a_failed_sync_names_the_server_on_every_rank_and_resumes_the_others(mod
     for record in dead_at_start:
         assert record["error"] and f"{urls[1]}/pause_generation" in record["error"], record["error"]
     assert dead_at_start[0]["after"][0]["up"]
-    assert all(r["seconds"] < 30 for r in rank0 + rank1)  # nobody waited for a timeout
+    assert all(r["seconds"] < 20 for r in rank0 + rank1)  # nobody waited for a timeout
