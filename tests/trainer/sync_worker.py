@@ -9,8 +9,8 @@ records each server's greedy tokens, their log-probs and weight version, and eve
 the error it got. The test compares with transformers running A and B.
 
 Scenarios (``--scenarios``), each ``layout:mode:version[:fault]``; faults:
-  sabotage  rank 0 destroys its update group on the second server first: that server answers the
-            bucket's metadata with HTTP 400 (no such group) and never joins the broadcast;
+  sabotage  rank 0 destroys its update group on both servers first (as a restart would): they answer
+            the bucket's metadata with HTTP 400 (no such group) and never join the broadcast;
   kill      rank 0 kills the second server (SIGKILL) in the middle of its export, after it has
             sent some buckets.
 """
@@ -137,7 +137,8 @@ def main() -> None:
             if fault == ["sabotage"]:
                 updater = engines["distributed"].updater
                 group = f"{updater.group_prefix}-g{updater._generation}-r0"
-                http("POST", f"{urls[1]}/destroy_weights_update_group", {"group_name": group})
+                for url in urls:  # as if both had restarted: a bucket for that group is refused at once
+                    http("POST", f"{url}/destroy_weights_update_group", {"group_name": group})
         dist.barrier()
         kill = pids[1] if fault == ["kill"] and rank == 0 else None
         error, start = None, time.perf_counter()
