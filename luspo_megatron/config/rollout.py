@@ -53,6 +53,18 @@ class RolloutConfig:
     update_weight_buffer_size: int = opt(
         512 * 1024**2, "--update-weight-buffer-size", help="Bucket size in bytes for weight sync."
     )
+    # Weight sync at scale (issue 13): where the engines reach the trainer's update groups.
+    update_weight_master_addr: str | None = opt(
+        None, "--update-weight-master-addr",
+        help="--weight-sync distributed: the address the engines join the trainer's update groups at (each "
+             "owning rank hosts its own group); default: each owning rank's own address on its route to the "
+             "engines.",
+    )
+    update_weight_master_port: int | None = opt(
+        None, "--update-weight-master-port",
+        help="--weight-sync distributed: trainer rank r's update group listens on this port + r; default: a free "
+             "port per group.",
+    )
     use_rollout_logprobs: bool = opt(
         False, "--use-rollout-logprobs", help="Use the engine's log-probs as old_logp (skip the recompute).",
         action="store_true",
@@ -86,6 +98,11 @@ class RolloutConfig:
         check(self.top_k == -1 or 1 <= self.top_k <= TOP_K_MAX, RolloutConfig, "top_k", "-1 or in [1, 2**30]",
               self.top_k)
         positive(RolloutConfig, self, "update_weight_buffer_size")
+        check(self.update_weight_master_addr is None or bool(str(self.update_weight_master_addr).strip()),
+              RolloutConfig, "update_weight_master_addr", "a host name or address", self.update_weight_master_addr)
+        check(self.update_weight_master_port is None or (isinstance(self.update_weight_master_port, int)
+                                                         and 1 <= self.update_weight_master_port <= 65535),
+              RolloutConfig, "update_weight_master_port", "a port in [1, 65535]", self.update_weight_master_port)
         if self.engine == "sglang":
             check(
                 bool(self.sglang_url) != bool(self.sglang_router), RolloutConfig, "sglang_url",

@@ -4,7 +4,7 @@
     old = policy.compute_logprobs(micro_batches)            # forward only, token-aligned [T] each
     for mb, logp in zip(micro_batches, old): mb.old_logp = logp
     metrics = policy.train_step(micro_batches)               # one optimizer step
-    for name, tensor in policy.hf_weights(): ...             # every rank (collective): HF tensors
+    for name, tensor in policy.hf_weights(): ...             # every rank (collective): its own HF tensors
 
 Weights: ``--hf-checkpoint`` is read through ``models.hf_map`` (each rank slices its part);
 without it the tiny preset's Hugging Face model is initialised in transformers with the run seed
@@ -29,7 +29,7 @@ from luspo_megatron.models.arch import QwenArch, arch_from_hf
 from luspo_megatron.models.build import build_model, transformer_engine_available
 from luspo_megatron.models.hf_map import TensorSource, hf_name_map, megatron_naming
 from luspo_megatron.models.initial import hf_config_of, initial_hf_state_dict
-from luspo_megatron.models.megatron_config import transformer_config
+from luspo_megatron.models.megatron_config import DTYPES, transformer_config
 from luspo_megatron.models.weights import hf_safetensors_source, load_hf_weights
 from luspo_megatron.parallel import train
 from luspo_megatron.parallel.export import export_policy_weights
@@ -154,9 +154,11 @@ class MegatronPolicy:
         )
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The current weights as HF (on-disk name, tensor) pairs, streamed on every rank
-        (collective: every rank iterates to the end; see ``parallel/export.py``)."""
+        """This rank's OWN share of the current weights as HF (on-disk name, tensor) pairs in the
+        model's dtype, streamed (collective: every rank iterates to the end; the union over the
+        ranks is the whole model, each tensor once; see ``parallel/export.py``)."""
         from megatron.core.utils import unwrap_model
 
         chunks = [unwrap_model(m) for m in self.model]
-        yield from export_policy_weights(chunks, hf_name_map(self.arch, megatron_naming(self.use_transformer_engine)))
+        name_map = hf_name_map(self.arch, megatron_naming(self.use_transformer_engine))
+        yield from export_policy_weights(chunks, name_map, dtype=DTYPES[self.config.model.dtype])

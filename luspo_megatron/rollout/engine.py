@@ -23,6 +23,8 @@ from luspo_megatron.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from luspo_megatron.rollout.sync_plan import ShardReport, SyncPlan
+
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
@@ -121,4 +123,20 @@ class RolloutEngine(Protocol):
 
     def close(self) -> None:
         """Release the connections, threads and models the engine holds."""
+        ...
+
+
+@runtime_checkable
+class ShardedWeightSync(Protocol):
+    """An engine whose weight sync takes each trainer rank's own share (``rollout/updates.py``):
+    the trainer calls :meth:`begin_weight_sync` on rank 0, every rank pushes what it owns with a
+    ``rollout.push.ShardPusher``, and rank 0 calls :meth:`end_weight_sync` with every rank's report
+    (``trainer/weights.py``). :meth:`RolloutEngine.sync_weights` stays the one-process form."""
+
+    def begin_weight_sync(self, weight_version: str) -> SyncPlan:
+        """Pause and flush the engines; the plan every rank pushes by."""
+        ...
+
+    def end_weight_sync(self, plan: SyncPlan, reports: list[ShardReport]) -> None:
+        """Finish the sync and resume the engines (also when it failed: then a RolloutError)."""
         ...

@@ -47,6 +47,7 @@ def start_fleet(config: RolloutConfig, *, hf_dir: str | Path, seed: int = 0, log
         max_concurrency=config.max_concurrency, request_timeout_s=config.request_timeout_s,
         max_retries=config.max_retries, routed_layout=routed_layout, weight_sync=config.weight_sync,
         weights_dir=weights_dir, config_dir=hf_dir, bucket_bytes=config.update_weight_buffer_size,
+        update_master=(config.update_weight_master_addr, config.update_weight_master_port),  # sync helper, issue 13
     )
     if config.engine == "sglang":
         options["api_key"] = config.sglang_api_key

@@ -38,6 +38,7 @@ import aiohttp
 from luspo_megatron.errors import RolloutError
 from luspo_megatron.rollout import protocol
 from luspo_megatron.rollout.engine import FINISH_ABORT, Sample, SamplingParams, WeightStream
+from luspo_megatron.rollout.sync_plan import ShardReport, SyncPlan
 from luspo_megatron.rollout.updates import WeightUpdater
 from luspo_megatron.rollout.weight_sync import Bucket
 from luspo_megatron.rollout.workers import Retryable, WorkerPool, auth_hint, describe
@@ -245,6 +246,13 @@ class SGLangEngine:
     def sync_weights(self, weights: WeightStream, weight_version: str) -> None:
         """Push the policy's (HF name, tensor) stream the configured way (``rollout/updates.py``)."""
         self.updater.sync(weights, weight_version)
+
+    # Weight-sync hooks (issue 13, sync helper): the sharded protocol of rollout.engine.ShardedWeightSync.
+    def begin_weight_sync(self, weight_version: str) -> SyncPlan:
+        return self.updater.begin(weight_version)
+
+    def end_weight_sync(self, plan: SyncPlan, reports: list[ShardReport]) -> None:
+        self.updater.end(plan, reports)
 
     def update_weights_from_disk(self, path: str | os.PathLike, weight_version: str) -> None:
         self.updater.from_disk(path, weight_version)

@@ -102,9 +102,11 @@ def run_layout(name: str, reference: dict | None):
     chunks = build_model(arch, config, use_transformer_engine=False)
     hf_weights = hf_live_to_disk(build_hf_model(hf_config, seed=3).state_dict())
     load_hf_weights(chunks, arch, hf_weights)
-    # Sharded, then exported back (every rank sees the whole model): must be the same.
-    exported = {k: v.clone() for k, v in export_policy_weights(chunks, hf_name_map(arch))}
-    export_exact = (exported.keys() == hf_weights.keys()
+    # Sharded, then exported back: the ranks' own shares together are the HF weights, each tensor once.
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, {k: v.clone() for k, v in export_policy_weights(chunks, hf_name_map(arch))})
+    exported = {k: v for share in shares for k, v in share.items()}
+    export_exact = (sum(map(len, shares)) == len(exported) and exported.keys() == hf_weights.keys()
                     and all(torch.equal(exported[k], v) for k, v in hf_weights.items()))
     model = train.wrap_model(chunks, config, use_distributed_optimizer=use_distopt)
     optimizer, scheduler = train.build_optimizer(

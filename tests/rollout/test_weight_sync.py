@@ -148,3 +148,101 @@ def test_buckets_keep_order_and_stay_under_the_byte_bound():
     # Greedy: a bucket is closed only when the next tensor would not fit.
     for a, b in zip(buckets, buckets[1:]):
         assert sum(t.numel() * 4 for _, t in a) + b[0][1].numel() * 4 > 160
+
+
+# ------------------------------------------------------------------ sharded writers, lock, group size
+def test_shards_of_several_writers_are_published_only_when_all_succeed(tiny_moe, tmp_path):
+    from safetensors.torch import load_file
+
+    from luspo_megatron.rollout.weight_sync import discard_stage, publish_shards, stage_dir, write_shards
+
+    named = hf_named_tensors(tiny_moe)
+    halves = [named[::2], named[1::2]]  # two owning ranks, disjoint shares
+    stage = stage_dir(tmp_path / "latest")
+    maps = [write_shards(bucket_by_bytes(h, 8 * 1024), stage, f"model-rank{r:05d}") for r, h in enumerate(halves)]
+    path = publish_shards(stage, tmp_path / "latest", maps, tiny_moe)
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    files = {f: load_file(path / f) for f in set(index.values())}
+    assert sorted(index) == [n for n, _ in named]  # every tensor once, through the index
+    assert all(torch.equal(files[index[n]][n], t) for n, t in named)
+    assert {f.name.split("-")[1] for f in path.glob("*.safetensors")} == {"rank00000", "rank00001"}
+    # A second sync whose second writer fails: nothing is published, the first stays whole.
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    stage = stage_dir(tmp_path / "latest")
+    write_shards(bucket_by_bytes(halves[0], 8 * 1024), stage, "model-rank00000")
+    discard_stage(stage)  # what the coordinator does when a report carries an error
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+    # A tensor written by two ranks is refused at publication, and nothing is published.
+    stage = stage_dir(tmp_path / "latest")
+    maps = [write_shards([halves[0][:2]], stage, f"model-rank{r:05d}") for r in range(2)]
+    with pytest.raises(ValueError, match="exported twice"):
+        publish_shards(stage, tmp_path / "latest", maps, tiny_moe)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before and not stage.exists()
+
+
+def test_stale_staging_directories_of_a_crashed_writer_are_removed(tmp_path):
+    from luspo_megatron.rollout.weight_sync import stage_dir
+
+    crashed = stage_dir(tmp_path / "latest")
+    (crashed / "model-rank00001-00001.safetensors").write_bytes(b"half")
+    fresh = stage_dir(tmp_path / "latest")
+    assert not crashed.exists() and fresh.exists() and not any(fresh.iterdir())
+
+
+def test_ticket_lock_admits_one_holder_at_a_time_in_arrival_order():
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from luspo_megatron.rollout.weight_sync import TicketLock
+
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    inside, most, order, lock = [0], [0], [], threading.Lock()
+
+    def holder(name: str) -> None:
+        store = dist.TCPStore("127.0.0.1", master.port, is_master=False)  # one client per "rank"
+        for _ in range(5):
+            with TicketLock(store, "sync1", timeout_s=30) as ticket:
+                with lock:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                    order.append(ticket.ticket)
+                time.sleep(0.002)
+                with lock:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=holder, args=(f"r{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert most[0] == 1  # never two holders at once
+    assert order == list(range(1, 16))  # tickets served in the order they were drawn
+
+
+def test_engine_ranks_count_an_engine_as_sglang_joins_it():
+    from luspo_megatron.errors import RolloutError
+    from luspo_megatron.rollout.sync_plan import engine_ranks
+
+    assert engine_ranks("u", {"tp_size": 1}) == 1
+    assert engine_ranks("u", {"tp_size": 4, "pp_size": 1, "dp_size": 1}) == 4
+    assert engine_ranks("u", {"tp_size": 8, "dp_size": 4, "enable_dp_attention": True}) == 8  # dp inside tp
+    # rank = rank_offset + tp_rank: a second pipeline stage or replica would take the same ranks.
+    with pytest.raises(RolloutError, match=r"http://e:1: --weight-sync distributed: .* pp 2, dp 1 on 4 GPUs"):
+        engine_ranks("http://e:1", {"tp_size": 2, "pp_size": 2, "dp_size": 1})
+    with pytest.raises(RolloutError, match="tp 2, pp 1, dp 2 on 4 GPUs"):
+        engine_ranks("u", {"tp_size": 2, "pp_size": 1, "dp_size": 2})
+
+
+def test_update_weight_master_flags_are_checked():
+    from luspo_megatron.config import RolloutConfig
+    from luspo_megatron.errors import ConfigError
+
+    config = RolloutConfig(update_weight_master_addr="10.0.0.5", update_weight_master_port=29731)
+    assert (config.update_weight_master_addr, config.update_weight_master_port) == ("10.0.0.5", 29731)
+    with pytest.raises(ConfigError, match=r"--update-weight-master-port: expected a port in \[1, 65535\], got 70000"):
+        RolloutConfig(update_weight_master_port=70000)
+    with pytest.raises(ConfigError, match="--update-weight-master-addr: expected a host name or address"):
+        RolloutConfig(update_weight_master_addr=" ")
