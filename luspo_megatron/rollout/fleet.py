@@ -7,7 +7,8 @@
 - ``--rollout-engine local`` (the embedded default): ``--rollout-num-engines`` of our servers on free
   ports, watched by a supervisor that restarts a dead one with the newest weights, behind the
   SGLang client;
-- ``sglang``: the ``--sglang-url`` servers, or the workers of one ``--sglang-router``;
+- ``sglang``: the ``--sglang-url`` servers, or the workers of one ``--sglang-router`` (re-read before
+  every rollout and sync; ``rollout/sglang.py``, ``rollout/membership.py``);
 - ``inprocess``: our generator in the trainer's process (toy models; no HTTP).
 
 Every engine is healthy when the block starts, and closed (servers stopped) when it ends.
@@ -50,6 +51,7 @@ def start_fleet(config: RolloutConfig, *, hf_dir: str | Path, seed: int = 0, log
     )
     if config.engine == "sglang":
         options["api_key"] = config.sglang_api_key
+        options["startup_timeout_s"] = config.startup_timeout_s  # also how long to wait for the router's workers
         engine = (SGLangEngine.from_router(config.sglang_router, **options) if config.sglang_router
                   else SGLangEngine(list(config.sglang_url), **options))
         with engine:

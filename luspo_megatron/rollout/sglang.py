@@ -67,9 +67,10 @@ class _Server:
 class SGLangEngine:
     """The :class:`~luspo_megatron.rollout.engine.RolloutEngine` for SGLang's HTTP API.
 
-    Construction waits (up to ``startup_timeout_s``) until every server answers
-    ``/health_generate`` with 200, then reads ``/model_info``. ``routed_layout=(num_layers,
-    top_k)`` asks for ``return_routed_experts`` and decodes it into ``Sample.routed_experts``.
+    Construction waits (up to ``startup_timeout_s``) until the router lists a worker (when given
+    one) and every server answers ``/health_generate`` with 200, then reads ``/model_info``.
+    ``routed_layout=(num_layers, top_k)`` asks for ``return_routed_experts`` and decodes it into
+    ``Sample.routed_experts``.
     ``weight_sync`` (+ ``weights_dir``, ``config_dir`` for disk; ``update_master`` for
     distributed) picks how :meth:`sync_weights` pushes weights (``rollout/updates.py``).
     ``api_key`` goes out as ``Authorization: Bearer`` on every request (generate, health, info,
@@ -93,7 +94,8 @@ class SGLangEngine:
         self.counters: dict[str, Callable[[], float]] = {}  # extra metrics (e.g. a supervisor's restarts)
         self._rr = itertools.count()
         self.pool = WorkerPool(urls, router_url=router_url, api_key=api_key, health_poll_s=health_poll_s,
-                               flush_retries=flush_retries, flush_retry_s=flush_retry_s)
+                               flush_retries=flush_retries, flush_retry_s=flush_retry_s,
+                               router_wait_s=startup_timeout_s or 0.0)
         self.keeper = WeightKeeper(self.pool)  # every worker on the weights pushed last
         self._on_weights_published = on_weights_published
         try:

@@ -42,7 +42,8 @@ class WorkerPool:
     """HTTP session, event-loop thread and worker list of SGLang servers (or of one sglang-router)."""
 
     def __init__(self, urls: list[str], *, router_url: str | None = None, api_key: str | None = None,
-                 health_poll_s: float = 0.5, flush_retries: int = 60, flush_retry_s: float = 1.0) -> None:
+                 health_poll_s: float = 0.5, flush_retries: int = 60, flush_retry_s: float = 1.0,
+                 router_wait_s: float = 0.0) -> None:
         if not urls and not router_url:
             raise RolloutError("SGLangEngine: expected at least one server URL or a router URL")
         self.health_poll_s, self.flush_retries, self.flush_retry_s = health_poll_s, flush_retries, flush_retry_s
@@ -60,19 +61,34 @@ class WorkerPool:
         self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-client", daemon=True)
         self._thread.start()
         try:
-            self.call(self._setup(urls))
+            self.call(self._setup(urls, router_wait_s))
         except BaseException:
             self.close()
             raise
 
-    async def _setup(self, urls: list[str]) -> None:
+    async def _setup(self, urls: list[str], router_wait_s: float) -> None:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), headers=self._headers, raise_for_status=False,
         )
         self.worker_urls: list[str] = urls
         if self.router_url:
             self.router = RouterClient(self.router_url, self.session)
-            await self.arefresh()
+            await self._first_workers(router_wait_s)
+
+    async def _first_workers(self, wait_s: float) -> None:
+        """The router's workers at start. The router and its workers may still be starting (they
+        start beside the trainer, and 0.3.x lists a worker once its health check passes): wait up
+        to ``wait_s`` for it to answer and list one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            try:
+                await self.arefresh()
+                return
+            except RolloutError as err:
+                if loop.time() >= deadline:
+                    raise RolloutError(f"{err} (waited {wait_s:.0f} s)" if wait_s else str(err)) from None
+            await asyncio.sleep(self.health_poll_s)
 
     # ------------------------------------------------------------------------------ membership
     async def arefresh(self) -> list[str]:

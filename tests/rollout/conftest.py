@@ -130,10 +130,10 @@ def sglang_router(tmp_path):
 
     started = []
 
-    def start(worker_urls=(), **kwargs):
+    def start(worker_urls=(), launch: bool = True, **kwargs):
         router = SGLangRouter(list(worker_urls), log_path=tmp_path / f"router_{len(started)}.log", **kwargs)
         started.append(router)
-        return router.start()
+        return router.start() if launch else router  # not launched: its URL is known, nothing listens yet
 
     yield start
     for router in started:

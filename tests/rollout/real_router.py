@@ -32,7 +32,7 @@ class SGLangRouter:
                  policy: str = "round_robin", extra_args: tuple[str, ...] = ()) -> None:
         self.worker_urls = list(worker_urls)
         self.log_path, self.policy, self.extra_args = log_path, policy, tuple(extra_args)
-        self.port = self.prometheus_port = 0
+        self.port, self.prometheus_port = free_port(), free_port()  # known before it starts
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -45,9 +45,8 @@ class SGLangRouter:
                    "--policy", self.policy, "--log-level", "warn", *self.extra_args]
         return command + (["--worker-urls", *self.worker_urls] if self.worker_urls else [])
 
-    def start(self, timeout_s: float = 60.0) -> SGLangRouter:
-        """Launch, then wait until ``GET /workers`` lists every initial worker."""
-        self.port, self.prometheus_port = free_port(), free_port()
+    def start(self, timeout_s: float = 60.0, wait: bool = True) -> SGLangRouter:
+        """Launch, then (``wait``) wait until ``GET /workers`` lists every initial worker."""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -55,6 +54,8 @@ class SGLangRouter:
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
+        if not wait:
+            return self
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -86,7 +87,7 @@ class SGLangRouter:
         self.proc = None
 
     def __enter__(self) -> SGLangRouter:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

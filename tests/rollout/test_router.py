@@ -7,13 +7,16 @@ tests/rollout/fake_router.py stays for what 0.3.2 cannot do: the 0.2.x API (/add
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from luspo_megatron.errors import RolloutError
 from luspo_megatron.rollout.engine import SamplingParams
 from luspo_megatron.rollout.router import list_workers, normalize_url, register_worker, unregister_worker
 from luspo_megatron.rollout.sglang import SGLangEngine
-from tests.rollout.fake_router import FakeRouter, OldSGLang
+from tests.rollout.fake_router import LegacyRouter, OldSGLang
 
 SAMPLING = SamplingParams(max_new_tokens=6, seed=7)
 PROMPTS = [[5, 6], [7, 8, 9], [10]]
@@ -66,7 +69,7 @@ def test_from_router_generates_through_the_router_and_controls_the_workers(serve
 
 
 def test_router_0_2_form_is_used_when_workers_api_is_missing(server):
-    with FakeRouter(legacy=True) as router:  # 0.3.2 has no 0.2.x routes: the stand-in plays the old router
+    with LegacyRouter() as router:  # 0.3.2 has no 0.2.x routes: the stand-in plays the old router
         register_worker(router.url, server.url)
         assert router.calls["POST /workers"] == 1 and router.calls["POST /add_worker"] == 1  # tried 0.3 first
         with SGLangEngine.from_router(router.url) as engine:
@@ -77,8 +80,20 @@ def test_router_0_2_form_is_used_when_workers_api_is_missing(server):
 
 def test_a_router_without_workers_is_a_rollout_error(sglang_router):
     router = sglang_router()
-    with pytest.raises(RolloutError, match=f"router {router.url}: lists no workers"):
-        SGLangEngine.from_router(router.url)
+    with pytest.raises(RolloutError, match=rf"router {router.url}: lists no workers \(waited 1 s\)"):
+        SGLangEngine.from_router(router.url, startup_timeout_s=1.0, health_poll_s=0.1)
+
+
+def test_the_engine_waits_for_a_router_that_is_still_starting(server, sglang_router):
+    # The trainer may start beside its router and servers: nothing listens yet, then no worker is listed.
+    router = sglang_router([server.url], launch=False)
+    with ThreadPoolExecutor(1) as pool:
+        engine = pool.submit(SGLangEngine.from_router, router.url, health_poll_s=0.1)
+        time.sleep(1.0)
+        assert not engine.done()  # connection refused: still waiting, within its start-up timeout
+        router.start(wait=False)
+        with engine.result(timeout=60) as client:
+            assert client.worker_urls == [server.url]
 
 
 def test_model_info_falls_back_to_get_model_info_on_older_sglang(server):
