@@ -73,22 +73,7 @@ class WorkerPool:
         self.worker_urls: list[str] = urls
         if self.router_url:
             self.router = RouterClient(self.router_url, self.session)
-            await self._first_workers(router_wait_s)
-
-    async def _first_workers(self, wait_s: float) -> None:
-        """The router's workers at start. The router and its workers may still be starting (they
-        start beside the trainer, and 0.3.x lists a worker once its health check passes): wait up
-        to ``wait_s`` for it to answer and list one."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            try:
-                await self.arefresh()
-                return
-            except RolloutError as err:
-                if loop.time() >= deadline:
-                    raise RolloutError(f"{err} (waited {wait_s:.0f} s)" if wait_s else str(err)) from None
-            await asyncio.sleep(self.health_poll_s)
+            await first_workers(self, router_wait_s)
 
     # ------------------------------------------------------------------------------ membership
     async def arefresh(self) -> list[str]:
@@ -291,6 +276,22 @@ class WorkerPool:
             ok = True
         finally:
             await self.resume_all(urls, failed=not ok)
+
+
+async def first_workers(pool: WorkerPool, wait_s: float) -> None:
+    """The router's workers at start. The router and its workers may still be starting (they start
+    beside the trainer, and 0.3.x lists a worker once its health check passes): wait up to
+    ``wait_s`` for it to answer and list one."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        try:
+            await pool.arefresh()
+            return
+        except RolloutError as err:
+            if loop.time() >= deadline:
+                raise RolloutError(f"{err} (waited {wait_s:.0f} s)" if wait_s else str(err)) from None
+        await asyncio.sleep(pool.health_poll_s)
 
 
 async def _body(resp: aiohttp.ClientResponse) -> Any:
