@@ -115,13 +115,10 @@ class WorkerPool:
 
     # ------------------------------------------------------------------------------------- HTTP
     async def get(self, url: str, path: str, timeout_s: float = 60.0) -> tuple[int, Any]:
-        async with self.session.get(f"{url}{path}", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            return resp.status, await _body(resp)
+        return await _request(self.session.get, url, path, None, timeout_s)
 
     async def post(self, url: str, path: str, body: Any = None, timeout_s: float = 600.0) -> tuple[int, Any]:
-        async with self.session.post(f"{url}{path}", json=body if body is not None else {},
-                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            return resp.status, await _body(resp)
+        return await _request(self.session.post, url, path, {} if body is None else body, timeout_s)
 
     async def post_all(self, path: str, body: Any = None, timeout_s: float = 600.0,
                        urls: list[str] | None = None) -> None:
@@ -294,6 +291,18 @@ async def first_workers(pool: WorkerPool, wait_s: float) -> None:
         await asyncio.sleep(pool.health_poll_s)
 
 
+async def _request(method: Callable, url: str, path: str, body: Any, timeout_s: float) -> tuple[int, Any]:
+    """(HTTP status, parsed body). A request that gets no answer raises as aiohttp does, with the
+    server's URL attached (``server_url``) so that whoever reports it can name the server."""
+    kwargs = {} if body is None else {"json": body}
+    try:
+        async with method(f"{url}{path}", timeout=aiohttp.ClientTimeout(total=timeout_s), **kwargs) as resp:
+            return resp.status, await _body(resp)
+    except (TimeoutError, aiohttp.ClientError) as err:
+        err.server_url = url
+        raise
+
+
 async def _body(resp: aiohttp.ClientResponse) -> Any:
     text = await resp.text()
     if "json" in resp.headers.get("Content-Type", ""):
@@ -325,7 +334,10 @@ def check_all(urls: list[str], path: str, results: list) -> None:
 
 
 def failed_url(err: BaseException) -> str | None:
-    """The server a failed aiohttp request went to, when the error says (connection errors do)."""
+    """The server a failed request went to: attached by :meth:`WorkerPool.post` / ``get``, or said
+    by the error itself (aiohttp's connection errors carry host and port)."""
+    if getattr(err, "server_url", None):
+        return err.server_url
     host, port = getattr(err, "host", None), getattr(err, "port", None)
     if not isinstance(host, str) or not host or port is None:
         return None

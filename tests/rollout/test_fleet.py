@@ -28,15 +28,16 @@ PROBE = "model.layers.1.mlp.experts.3.down_proj.weight"  # one parameter read ba
 
 @pytest.fixture(scope="module")
 def fleet(tiny_moe, tmp_path_factory):
-    """Three servers of this module's own (it changes weights and kills one): A reads weights under
-    the whole root, B and C only under root/shared, so a directory in root/a_only is one B refuses."""
+    """Four servers of this module's own (it changes weights and kills two, C and D): A reads weights
+    under the whole root, the others only under root/shared, so a directory in root/a_only is one B
+    refuses."""
     root = tmp_path_factory.mktemp("fleet")
     (root / "shared").mkdir()
     (root / "a_only").mkdir()
     logs = tmp_path_factory.mktemp("fleet_logs")
     servers = {name: LocalServer(tiny_moe, enable_fault_injection=True, log_path=logs / f"{name}.log",
                                  allowed_weight_dirs=[root if name == "A" else root / "shared"])
-               for name in "ABC"}
+               for name in "ABCD"}
     try:
         for server in servers.values():  # launch all, then wait: their start-ups overlap
             server.launch()
@@ -117,23 +118,27 @@ def test_a_joining_worker_that_cannot_load_at_once_is_held_out_of_the_router_unt
         assert versions_of(groups) == {"22"} and generate_calls(B) > before
 
 
-def test_a_server_killed_during_a_sync_is_named_and_the_others_are_resumed(fleet, tiny_moe, sglang_router):
+@pytest.mark.parametrize(("mode", "victim"), [("disk", "C"), ("tensor", "D")])
+def test_a_server_killed_during_a_sync_is_named_and_the_others_are_resumed(fleet, tiny_moe, sglang_router, mode,
+                                                                          victim):
+    # disk: the export is written before the pause (it dies before it is paused); tensor: the buckets
+    # are posted while the fleet is paused (it dies in the middle of the update).
     root, s = fleet
-    A, C = s["A"], s["C"]
-    router = sglang_router([A.url, C.url])
+    A, dying = s["A"], s[victim]
+    router = sglang_router([A.url, dying.url])
 
-    def stream():  # the trainer's export, during which C dies
+    def stream():  # the trainer's export, during which the server dies
         for i, item in enumerate(hf_named_tensors(tiny_moe)):
             if i == 0:
-                C.proc.kill()
-                C.proc.wait()
+                dying.proc.kill()
+                dying.proc.wait()
             yield item
 
-    with SGLangEngine.from_router(router.url, weight_sync="disk", weights_dir=root / "shared" / "kill",
-                                  config_dir=tiny_moe) as engine:
+    with SGLangEngine.from_router(router.url, weight_sync=mode, weights_dir=root / "shared" / "kill",
+                                  config_dir=tiny_moe, bucket_bytes=16 * 1024) as engine:
         with pytest.raises(RolloutError) as err:
             engine.sync_weights(stream(), "31")
-    assert C.url in str(err.value)
+    assert dying.url in str(err.value)
     assert answers_generate(A.url)
 
 
