@@ -47,3 +47,12 @@ def test_the_errors_say_which_versions_and_what_went_wrong():
     with pytest.raises(RolloutError, match=r"step 1: 2 samples carry weight_version \['40'\], newer than"):
         check_weight_versions([sample("40")] * 2, 1)  # a previous run's servers
     assert check_weight_versions([sample("0")] * 3, 1) == 0  # an SFT warm-up pushes "0" before step 1
+
+
+def test_max_weight_staleness_is_a_count_of_versions():
+    from luspo_megatron.config import RolloutConfig
+    from luspo_megatron.errors import ConfigError
+
+    assert RolloutConfig().max_weight_staleness == 0 and RolloutConfig(max_weight_staleness=2).max_weight_staleness == 2
+    with pytest.raises(ConfigError, match="--max-weight-staleness: expected ≥ 0, got -1"):
+        RolloutConfig(max_weight_staleness=-1)
