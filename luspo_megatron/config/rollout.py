@@ -77,6 +77,13 @@ class RolloutConfig:
         600.0, "--rollout-startup-timeout", help="Seconds to wait for every server's /health_generate at start."
     )
     local_device: str = opt("cpu", "--rollout-device", help="Device of the local rollout server: cpu or cuda[:N].")
+    # The fleet (issue 13): how old a sample's weights may be (rollout/versions.py).
+    max_weight_staleness: int = opt(
+        0, "--max-weight-staleness",
+        help="Accept samples drawn by weights up to N versions older than the last push (counted as stale_samples "
+             "in metrics.jsonl); an older, newer or unknown weight_version stops the run. 0: every sample must "
+             "come from the weights pushed last.",
+    )
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -93,6 +100,7 @@ class RolloutConfig:
             check(is_http_url(self.sglang_router), RolloutConfig, "sglang_router", "an http(s)://host[:port] URL",
                   self.sglang_router)
         check(self.max_retries >= 0, RolloutConfig, "max_retries", "≥ 0", self.max_retries)
+        check(self.max_weight_staleness >= 0, RolloutConfig, "max_weight_staleness", "≥ 0", self.max_weight_staleness)
         check(self.temperature > 0, RolloutConfig, "temperature", "> 0", self.temperature)
         check(0 < self.top_p <= 1, RolloutConfig, "top_p", "a float in (0, 1]", self.top_p)
         check(self.top_k == -1 or 1 <= self.top_k <= TOP_K_MAX, RolloutConfig, "top_k", "-1 or in [1, 2**30]",

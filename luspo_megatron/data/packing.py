@@ -202,8 +202,9 @@ def _routing(sequences, indices: list[int], lengths: Sequence[int]) -> torch.Ten
     for i in indices:
         r = sequences[i].routed_experts
         if r is None:
-            raise DataError(f"sequence {i}: no routed_experts for routing replay (R3); the rollout engine must "
-                            "return them (SGLang: --enable-return-routed-experts)")
+            raise DataError(f"sequence {i}: no routed_experts for routing replay (R3): the SGLang server runs "
+                            "without --enable-return-routed-experts, or an sglang-router dropped "
+                            "return_routed_experts (give the servers with --sglang-url)")
         r = torch.as_tensor(r).long()  # [prompt + response − 1, layers, top_k]
         r = torch.cat([r, r[-1:]])  # the last token's stand-in
         pad = lengths[i] - r.shape[0]

@@ -7,7 +7,8 @@
 - ``--rollout-engine local`` (the embedded default): ``--rollout-num-engines`` of our servers on free
   ports, watched by a supervisor that restarts a dead one with the newest weights, behind the
   SGLang client;
-- ``sglang``: the ``--sglang-url`` servers, or the workers of one ``--sglang-router``;
+- ``sglang``: the ``--sglang-url`` servers, or the workers of one ``--sglang-router`` (re-read before
+  every rollout and sync; ``rollout/sglang.py``, ``rollout/membership.py``);
 - ``inprocess``: our generator in the trainer's process (toy models; no HTTP).
 
 Every engine is healthy when the block starts, and closed (servers stopped) when it ends.
@@ -51,7 +52,8 @@ def start_fleet(config: RolloutConfig, *, hf_dir: str | Path, seed: int = 0, log
     )
     if config.engine == "sglang":
         options["api_key"] = config.sglang_api_key
-        options["startup_timeout_s"] = config.startup_timeout_s  # the constructor's wait, not its 600 s default
+        # The constructor's wait (not its 600 s default), also for the router's first workers.
+        options["startup_timeout_s"] = config.startup_timeout_s
         engine = (SGLangEngine.from_router(config.sglang_router, **options) if config.sglang_router
                   else SGLangEngine(list(config.sglang_url), **options))
         with engine:

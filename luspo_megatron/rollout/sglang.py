@@ -15,9 +15,18 @@ prompt index. A 4xx or a malformed answer is raised at once. No sample is ever d
 returns exactly ``n`` samples per prompt or raises.
 
 Behind a router, ``/generate`` goes through the router and control calls (pause, flush, weight
-updates) go to each worker it lists. Weight sync (docs/design.md §4 step 7) is
+updates) go to each worker it lists, re-read before every generate, pause, flush, abort and sync
+(``workers.py``). Before every rollout, a worker that does not hold the weights pushed last (it
+joined the router since, or restarted) is brought up to date before any request is sent
+(``membership.py``: it loads the last disk sync at once, or is held out of the router until the
+next sync), so it never serves old weights. Weight sync (docs/design.md §4 step 7) is
 :class:`~luspo_megatron.rollout.updates.WeightUpdater`: pause → flush_cache → update (disk,
 distributed or tensor) → continue, with the new weight version sent in every update call.
+
+With ``routed_layout`` (routing replay), a ``/generate`` answer without ``routed_experts`` is a
+RolloutError naming the likely cause: sglang-router rebuilds each ``/generate`` body and drops
+``return_routed_experts`` (0.3.2 does), or the SGLang server runs without
+``--enable-return-routed-experts``.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import aiohttp
 from luspo_megatron.errors import RolloutError
 from luspo_megatron.rollout import protocol
 from luspo_megatron.rollout.engine import FINISH_ABORT, Sample, SamplingParams, WeightStream
+from luspo_megatron.rollout.membership import WeightKeeper
 from luspo_megatron.rollout.sync_plan import ShardReport, SyncPlan
 from luspo_megatron.rollout.updates import WeightUpdater
 from luspo_megatron.rollout.weight_sync import Bucket
@@ -51,15 +61,17 @@ _RETRY_STATUS = (408, 429)
 class _Server:
     url: str
     semaphore: asyncio.Semaphore
+    limit: int
     in_flight: int = 0
 
 
 class SGLangEngine:
     """The :class:`~luspo_megatron.rollout.engine.RolloutEngine` for SGLang's HTTP API.
 
-    Construction waits (up to ``startup_timeout_s``) until every server answers
-    ``/health_generate`` with 200, then reads ``/model_info``. ``routed_layout=(num_layers,
-    top_k)`` asks for ``return_routed_experts`` and decodes it into ``Sample.routed_experts``.
+    Construction waits (up to ``startup_timeout_s``) until the router lists a worker (when given
+    one) and every server answers ``/health_generate`` with 200, then reads ``/model_info``.
+    ``routed_layout=(num_layers, top_k)`` asks for ``return_routed_experts`` and decodes it into
+    ``Sample.routed_experts``.
     ``weight_sync`` (+ ``weights_dir``, ``config_dir`` for disk; ``update_master`` for
     distributed) picks how :meth:`sync_weights` pushes weights (``rollout/updates.py``).
     ``api_key`` goes out as ``Authorization: Bearer`` on every request (generate, health, info,
@@ -83,18 +95,20 @@ class SGLangEngine:
         self.counters: dict[str, Callable[[], float]] = {}  # extra metrics (e.g. a supervisor's restarts)
         self._rr = itertools.count()
         self.pool = WorkerPool(urls, router_url=router_url, api_key=api_key, health_poll_s=health_poll_s,
-                               flush_retries=flush_retries, flush_retry_s=flush_retry_s)
+                               flush_retries=flush_retries, flush_retry_s=flush_retry_s,
+                               router_wait_s=startup_timeout_s or 0.0)
+        self.keeper = WeightKeeper(self.pool)  # every worker on the weights pushed last
+        self._on_weights_published = on_weights_published
         try:
             self.updater = WeightUpdater(self.pool, weight_sync, weights_dir=weights_dir, config_dir=config_dir,
                                          bucket_bytes=bucket_bytes, master=update_master,
-                                         on_published=on_weights_published)
-            # One generation target per worker, or the router, which may take what all its workers can hold.
-            targets = [self.pool.router_url] if self.pool.router_url else self.pool.worker_urls
-            per_target = self.max_concurrency * (len(self.pool.worker_urls) if self.pool.router_url else 1)
-            self._servers = self.pool.call(_targets(targets, per_target))
+                                         on_published=self._published_hook)
+            self._servers: list[_Server] = []
+            self._retarget()
             if startup_timeout_s is not None:
                 self.pool.wait_healthy(startup_timeout_s)
                 self.model_info = self.pool.call(self.pool.model_info(self.pool.worker_urls[0]))
+                self.pool.call(self.keeper.start())
         except BaseException:
             self.pool.close()
             raise
@@ -125,7 +139,20 @@ class SGLangEngine:
     # --------------------------------------------------------------------------------- generate
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int) -> list[list[Sample]]:
         """``out[i][j]``: sample j of prompt i. Exactly ``n`` per prompt, or a RolloutError."""
+        self.pool.call(self.keeper.admit())
+        self._retarget()
         return self.pool.call(self.agenerate(prompts, sampling, n))
+
+    # -------------------------------------------------------------------------- fleet membership
+    def _retarget(self) -> None:
+        """One generation target per worker, or the router, which may take what all its workers can
+        hold (remade when that changes; between generate calls, so nothing waits on the old ones)."""
+        router = self.pool.router_url
+        targets = [router] if router else self.pool.worker_urls
+        limit = self.max_concurrency * (len(self.pool.worker_urls) if router else 1)
+        if [(s.url, s.limit) for s in self._servers] != [(u, limit) for u in targets]:
+            # asyncio primitives bind to the running loop on first use (Python ≥ 3.10): made here, used there.
+            self._servers = [_Server(u, asyncio.Semaphore(limit), limit) for u in targets]
 
     async def agenerate(self, prompts: list[list[int]], sampling: SamplingParams, n: int) -> list[list[Sample]]:
         if n < 1:
@@ -210,6 +237,9 @@ class SGLangEngine:
             samples = [protocol.parse_output(o, prompt, routed_layout=self.routed_layout) for o in outputs]
         except RolloutError as err:
             raise RolloutError(f"{server.url}/generate, prompt {index}: {err}") from None
+        if self.routed_layout is not None and any(s.routed_experts is None and s.finish != FINISH_ABORT
+                                                   for s in samples):
+            raise RolloutError(no_routed_experts(server.url, index, via_router=server.url == self.pool.router_url))
         aborted = [s for s in samples if s.finish == FINISH_ABORT]
         if aborted:
             message = aborted[0].meta.get("finish_reason", {}).get("message", "")
@@ -245,30 +275,53 @@ class SGLangEngine:
     # ------------------------------------------------------------------------------- weight sync
     def sync_weights(self, weights: WeightStream, weight_version: str) -> None:
         """Push the policy's (HF name, tensor) stream the configured way (``rollout/updates.py``)."""
+        self.pool.refresh_workers()  # every sync starts with the workers the router lists now
         self.updater.sync(weights, weight_version)
+        self.keeper.synced(weight_version)  # every successful sync ends here
 
-    # Weight-sync hooks (issue 13, sync helper): the sharded protocol of rollout.engine.ShardedWeightSync.
+    def _published_hook(self, path: Path, weight_version: str) -> None:
+        self.keeper.published_at(path, weight_version)
+        if self._on_weights_published is not None:
+            self._on_weights_published(path, weight_version)
+
+    # The sharded protocol of rollout.engine.ShardedWeightSync (trainer/weights.py): rank 0 begins,
+    # every rank pushes its share (rollout/push.py), rank 0 ends.
     def begin_weight_sync(self, weight_version: str) -> SyncPlan:
+        self.pool.refresh_workers()  # every sync starts with the workers the router lists now
         return self.updater.begin(weight_version)
 
     def end_weight_sync(self, plan: SyncPlan, reports: list[ShardReport]) -> None:
         self.updater.end(plan, reports)
+        self.keeper.synced(plan.version)  # every successful sync ends here
 
     def update_weights_from_disk(self, path: str | os.PathLike, weight_version: str) -> None:
+        self.pool.refresh_workers()
         self.updater.from_disk(path, weight_version)
+        self.keeper.published_at(path, weight_version)
+        self.keeper.synced(weight_version)
 
     def update_weights_from_tensor(self, buckets: Iterable[Bucket], weight_version: str) -> None:
+        self.pool.refresh_workers()
         self.updater.from_tensor(buckets, weight_version)
+        self.keeper.synced(weight_version)
 
     def init_weights_update_group(self, master_address: str, master_port: int, **kwargs: Any) -> None:
+        self.pool.refresh_workers()
         self.updater.init_group(master_address, master_port, **kwargs)
 
     def update_weights_from_distributed(self, buckets: Iterable[Bucket], weight_version: str) -> None:
         self.updater.from_distributed(buckets, weight_version)
+        self.keeper.synced(weight_version)
 
     def destroy_weights_update_group(self) -> None:
         self.updater.destroy_group()
 
 
-async def _targets(urls: list[str], concurrency: int) -> list[_Server]:
-    return [_Server(u, asyncio.Semaphore(concurrency)) for u in urls]  # created on the pool's loop
+def no_routed_experts(url: str, index: int, *, via_router: bool) -> str:
+    """Why routing replay got no ``routed_experts`` from ``url``: the two likely causes."""
+    cause = (f"the router {url} rebuilds each /generate body and drops return_routed_experts (sglang-router 0.3.2 "
+             "does): give the trainer the workers themselves (--sglang-url URL ...) instead of --sglang-router, "
+             "or " if via_router else "")
+    return (f"{url}/generate, prompt {index}: the answer has no routed_experts, which routing replay "
+            f"(--use-rollout-routing-replay) needs; {cause}the SGLang server was started without "
+            "--enable-return-routed-experts")

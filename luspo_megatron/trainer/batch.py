@@ -64,5 +64,6 @@ def sample_rows(batch: RolloutBatch, G: int, samples_per_step: int) -> list[dict
         order = range(len(batch.samples))
     return [{"index": i, "group": i // G, "prompt": batch.prompts[i // G], "response": batch.texts[i],
              "label": batch.labels[i], "reward": batch.rewards[i], "advantage": batch.advantages[i],
-             "finish": batch.samples[i].finish, "response_len": len(batch.samples[i].response_ids)}
+             "finish": batch.samples[i].finish, "response_len": len(batch.samples[i].response_ids),
+             "weight_version": batch.samples[i].weight_version}
             for i in order]

@@ -19,6 +19,7 @@ from luspo_megatron.algorithms.advantages import filter_uniform_groups, group_ad
 from luspo_megatron.algorithms.metrics import rollout_metrics
 from luspo_megatron.config import RunConfig
 from luspo_megatron.rollout.engine import RolloutEngine, SamplingParams
+from luspo_megatron.rollout.versions import check_weight_versions
 from luspo_megatron.trainer.batch import RolloutBatch, concat_batches, select_groups
 from luspo_megatron.trainer.timer import Timer
 
@@ -89,5 +90,6 @@ class RolloutStep:
         adv = group_advantages(rewards, G, std_normalize=cfg.algorithm.std_normalize)
         correct = [score > 0 for score in result.terms.get("math", result.rewards)]
         metrics = {"reward_timeouts": float(result.stats.timeouts), "reward_errors": float(result.stats.errors)}
+        metrics["stale_samples"] = float(check_weight_versions(samples, step, cfg.rollout.max_weight_staleness))
         return RolloutBatch(samples, rewards.tolist(), adv.tolist(), correct, [r.prompt for r in records],
                             labels, metrics, texts)

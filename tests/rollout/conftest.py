@@ -120,3 +120,21 @@ def http(method: str, url: str, body=None, timeout: float = 30.0, *, raw: bytes 
     except urllib.error.HTTPError as err:
         status, raw, ctype = err.code, err.read().decode(), err.headers.get("Content-Type", "")
     return status, (json.loads(raw) if "json" in ctype and raw else raw)
+
+
+@pytest.fixture
+def sglang_router(tmp_path):
+    """A factory for the real sglang-router (``tests/rollout/real_router.py``): ``sglang_router(urls)``
+    starts one on free loopback ports listing ``urls``; every router started is stopped after the test."""
+    from tests.rollout.real_router import SGLangRouter
+
+    started = []
+
+    def start(worker_urls=(), launch: bool = True, **kwargs):
+        router = SGLangRouter(list(worker_urls), log_path=tmp_path / f"router_{len(started)}.log", **kwargs)
+        started.append(router)
+        return router.start() if launch else router  # not launched: its URL is known, nothing listens yet
+
+    yield start
+    for router in started:
+        router.stop()

@@ -1,5 +1,7 @@
-"""Small HTTP stand-ins with real sockets: an sglang-router (0.3.x ``/workers`` API, or the 0.2.x
-``/add_worker`` API) that proxies ``/generate``, and an "old SGLang" proxy without ``/model_info``."""
+"""Small HTTP stand-ins with real sockets, for what the real sglang-router 0.3.2 (tests/rollout/
+real_router.py, used everywhere else) cannot play: a router of the 0.2.x API (``/add_worker``,
+``/list_workers``; 0.3.2 answers those with 404) that proxies ``/generate``, and an "old SGLang"
+proxy without ``/model_info`` (sglang < 0.5.9)."""
 
 from __future__ import annotations
 
@@ -55,26 +57,20 @@ class _Background:
                                 content_type=resp.content_type, charset=resp.charset)
 
 
-class FakeRouter(_Background):
-    """``legacy=False``: sglang-router ≥ 0.3 (POST /workers answers 202 and adds the worker a moment
-    later; DELETE /workers/{id}). ``legacy=True``: ≤ 0.2.1 (/add_worker?url=, /list_workers)."""
+class LegacyRouter(_Background):
+    """sglang-router ≤ 0.2.1: ``POST /add_worker?url=``, ``POST /remove_worker?url=``, ``GET /list_workers``;
+    no ``/workers`` routes (404, which sends the client to the 0.2.x form)."""
 
-    def __init__(self, legacy: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.legacy = legacy
         self.workers: dict[str, str] = {}  # id -> url
         self._rr = itertools.count()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._count])
-        if self.legacy:
-            app.router.add_post("/add_worker", self.add_legacy)
-            app.router.add_post("/remove_worker", self.remove_legacy)
-            app.router.add_get("/list_workers", self.list_legacy)
-        else:
-            app.router.add_post("/workers", self.add)
-            app.router.add_get("/workers", self.list)
-            app.router.add_delete("/workers/{worker_id}", self.remove)
+        app.router.add_post("/add_worker", self.add_legacy)
+        app.router.add_post("/remove_worker", self.remove_legacy)
+        app.router.add_get("/list_workers", self.list_legacy)
         app.router.add_post("/generate", self.generate)
         app.router.add_get("/health", self.health)
         return app
@@ -86,24 +82,6 @@ class FakeRouter(_Background):
     async def _count(self, request, handler):
         self.calls[f"{request.method} {request.path}"] += 1
         return await handler(request)
-
-    async def add(self, request):
-        body = await request.json()
-        worker_id = uuid.uuid4().hex[:8]
-        # 0.3.x queues the registration and answers 202 before the worker is listed.
-        asyncio.get_running_loop().call_later(0.2, self.workers.__setitem__, worker_id, body["url"])
-        return web.json_response({"status": "accepted", "worker_id": worker_id}, status=202)
-
-    async def list(self, request):
-        workers = [{"id": i, "url": u, "worker_type": "regular", "is_healthy": True, "load": 0}
-                   for i, u in self.workers.items()]
-        return web.json_response({"workers": workers, "total": len(workers),
-                                  "stats": {"prefill_count": 0, "decode_count": 0, "regular_count": len(workers)}})
-
-    async def remove(self, request):
-        if self.workers.pop(request.match_info["worker_id"], None) is None:
-            return web.json_response({"error": "no such worker"}, status=404)
-        return web.json_response({"status": "removed"}, status=202)
 
     async def add_legacy(self, request):
         self.workers[uuid.uuid4().hex[:8]] = request.query["url"]
