@@ -101,3 +101,15 @@ def test_model_info_falls_back_to_get_model_info_on_older_sglang(server):
         assert engine.model_info["model_type"] == "qwen3_moe"
         assert engine.weight_version() == "default"
         assert old.calls["/model_info"] >= 1 and old.calls["/get_model_info"] >= 1
+
+
+def test_an_unreachable_router_is_one_rollout_error_within_the_startup_timeout():
+    from luspo_megatron.runtime.distributed import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(RolloutError) as err:
+        SGLangEngine.from_router(url, startup_timeout_s=2.0)
+    took = time.monotonic() - start
+    assert url in str(err.value) and "\n" not in str(err.value)
+    assert 1.5 <= took < 30, f"gave up after {took:.1f} s, not after the 2 s start-up timeout"
