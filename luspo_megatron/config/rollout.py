@@ -50,6 +50,11 @@ class RolloutConfig:
         600.0, "--rollout-startup-timeout", help="Seconds to wait for every server's /health_generate at start."
     )
     local_device: str = opt("cpu", "--rollout-device", help="Device of the local rollout server: cpu or cuda[:N].")
+    local_dtype: str = opt(
+        "float32", "--rollout-dtype", choices=("float32", "bfloat16", "float16"),
+        help="Weight dtype of the engine we run in-process (--rollout-engine inprocess), e.g. bfloat16 against an "
+             "fp32 trainer to see train–inference mismatch. SGLang servers take their own --dtype.",
+    )
 
     def __post_init__(self) -> None:
         positive(RolloutConfig, self, "num_engines", "rollout_batch_size", "max_response_len", "max_concurrency")
@@ -59,6 +64,8 @@ class RolloutConfig:
         check(self.startup_timeout_s > 0, RolloutConfig, "startup_timeout_s", "> 0", self.startup_timeout_s)
         check(self.local_device == "cpu" or self.local_device.startswith("cuda"), RolloutConfig, "local_device",
                "cpu or cuda[:N]", self.local_device)
+        check(self.local_dtype == "float32" or self.engine == "inprocess", RolloutConfig, "local_dtype",
+              "float32 unless --rollout-engine inprocess (the local servers start in float32)", self.local_dtype)
         check(self.max_retries >= 0, RolloutConfig, "max_retries", "≥ 0", self.max_retries)
         check(self.temperature > 0, RolloutConfig, "temperature", "> 0", self.temperature)
         check(0 < self.top_p <= 1, RolloutConfig, "top_p", "a float in (0, 1]", self.top_p)
