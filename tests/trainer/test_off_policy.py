@@ -255,3 +255,23 @@ def test_reference_offload_frees_the_device_storage_between_uses_and_restores_it
         assert torch.equal(model(x), expected)
         offload.offload()
         assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"optimizer": {"num_steps_per_rollout": 3}}, "--num-steps-per-rollout: expected a divisor of the rollout batch"),
+    ({"optimizer": {"num_steps_per_rollout": 2, "global_batch_size": 16}}, "--global-batch-size 16 and "),
+    ({"algorithm": {"overlong_buffer_len": 65}}, "--overlong-buffer-len: expected ≤ --rollout-max-response-len"),
+    ({"algorithm": {"over_sampling_batch_size": 0}}, "--over-sampling-batch-size: expected a positive integer"),
+    ({"algorithm": {"overlong_penalty_factor": -1.0}}, "--overlong-penalty-factor: expected ≥ 0"),
+    ({"rollout": {"local_dtype": "bfloat16"}}, "--rollout-dtype: expected float32 unless --rollout-engine inprocess"),
+])
+def test_bad_off_policy_and_dapo_settings_are_one_line_config_errors(raw, needle):
+    from luspo_megatron.config import config_from_dict
+    from luspo_megatron.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:  # rollout batch: 8 prompts × 8 samples = 64
+        config_from_dict(raw)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    ok = config_from_dict({"optimizer": {"num_steps_per_rollout": 4, "global_batch_size": 16}})
+    assert ok.optimizer_steps_per_rollout == 4
+    assert config_from_dict({"optimizer": {"global_batch_size": 16}}).optimizer_steps_per_rollout == 4
