@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # pool of 128 and the warm-up pool of 4096). One- and two-operation chains: on two operations the
 # worked line-per-operation answer can beat the bare one, so length can pay.
 COMMON = ["--synthetic-max-steps", "2", "--rollout-batch-size", "16", "--n-samples-per-prompt", "8",
-          "--lr", "3e-4", "--rollout-max-response-len", "64"]
+          "--lr", "3e-4", "--rollout-max-response-len", "64",
+          "--num-steps-per-rollout", "1"]  # on-policy, as measured (examples/tiny_cpu.yaml now has 2)
 
 
 def train(log_dir: Path, flags: list[str]) -> Path:

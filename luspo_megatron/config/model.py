@@ -65,6 +65,13 @@ class ModelConfig:
     recompute_num_layers: int | None = opt(
         None, "--recompute-num-layers", help="N of --recompute-method (1 ≤ N ≤ layers per pipeline stage)."
     )
+    # The KL reference model's weights between uses (parallel/policy.py::ReferenceOffload).
+    ref_offload: bool | None = opt(
+        None, "--ref-offload", action="store_true",
+        help="Keep the reference model's weights in (pinned) host memory between its forward passes and copy "
+             "them to the device for each one. Unset: on with CUDA, off on a CPU (where it saves nothing; the "
+             "flag forces it, for tests). YAML false keeps the reference on the device.",
+    )
 
     def __post_init__(self) -> None:
         validate_fields(self)

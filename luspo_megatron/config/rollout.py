@@ -84,6 +84,11 @@ class RolloutConfig:
              "in metrics.jsonl); an older, newer or unknown weight_version stops the run. 0: every sample must "
              "come from the weights pushed last.",
     )
+    local_dtype: str = opt(
+        "float32", "--rollout-dtype", choices=("float32", "bfloat16", "float16"),
+        help="Weight dtype of the engine we run in-process (--rollout-engine inprocess), e.g. bfloat16 against an "
+             "fp32 trainer to see train–inference mismatch. SGLang servers take their own --dtype.",
+    )
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -99,6 +104,8 @@ class RolloutConfig:
         if self.sglang_router is not None:
             check(is_http_url(self.sglang_router), RolloutConfig, "sglang_router", "an http(s)://host[:port] URL",
                   self.sglang_router)
+        check(self.local_dtype == "float32" or self.engine == "inprocess", RolloutConfig, "local_dtype",
+              "float32 unless --rollout-engine inprocess (the local servers start in float32)", self.local_dtype)
         check(self.max_retries >= 0, RolloutConfig, "max_retries", "≥ 0", self.max_retries)
         check(self.max_weight_staleness >= 0, RolloutConfig, "max_weight_staleness", "≥ 0", self.max_weight_staleness)
         check(self.temperature > 0, RolloutConfig, "temperature", "> 0", self.temperature)

@@ -69,6 +69,12 @@ class LoggingConfig:
         1, "--log-interval",
         help="When stdout is not a terminal (a log file, CI, nohup), print a progress line every N RL steps.",
     )
+    dump_step_tensors: str | None = opt(
+        None, "--dump-step-tensors",
+        help="Debug: write every optimizer step's packed tensors (tokens, masks, advantages, the current, old, "
+             "rollout and reference log-probs) and its metrics to DIR/step{S}_opt{K}.pt on rank 0 (its data-"
+             "parallel share). Costs one extra forward pass per optimizer step.",
+    )
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -140,10 +146,38 @@ class RunConfig:
                 f"split across micro-batches), got {self.optimizer.max_tokens_per_micro_batch}",
                 field="max_tokens_per_micro_batch",
             )
+        # Off-policy mini-batches and overlong shaping (trainer/policy_step.py, trainer/rollout_step.py).
+        steps = self.optimizer.num_steps_per_rollout
+        if steps is not None and batch % steps != 0:
+            raise ConfigError(
+                f"--num-steps-per-rollout: expected a divisor of the rollout batch "
+                f"(--rollout-batch-size × --n-samples-per-prompt = {batch}), got {steps}",
+                field="num_steps_per_rollout",
+            )
+        if steps is not None and gbs is not None and gbs * steps != batch:
+            raise ConfigError(
+                f"--global-batch-size {gbs} and --num-steps-per-rollout {steps} disagree: expected their product to "
+                f"be the rollout batch (--rollout-batch-size × --n-samples-per-prompt = {batch}), got {gbs * steps}",
+                field="num_steps_per_rollout",
+            )
+        buffer_len = self.algorithm.overlong_buffer_len
+        if buffer_len is not None and buffer_len > self.rollout.max_response_len:
+            raise ConfigError(
+                f"--overlong-buffer-len: expected ≤ --rollout-max-response-len = {self.rollout.max_response_len}, "
+                f"got {buffer_len}", field="overlong_buffer_len",
+            )
 
     @property
     def sequences_per_rollout(self) -> int:
         return self.rollout.rollout_batch_size * self.algorithm.n_samples_per_prompt
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        """N: the optimizer steps of a full rollout batch (--num-steps-per-rollout, else P·G / gbs, else 1)."""
+        if self.optimizer.num_steps_per_rollout is not None:
+            return self.optimizer.num_steps_per_rollout
+        gbs = self.optimizer.global_batch_size
+        return self.sequences_per_rollout // gbs if gbs else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,10 +55,34 @@ class AlgorithmConfig:
         False, "--log-ref-kl", help="Keep a reference model to log KL to it even when --kl-loss-coef is 0.",
         action="store_true",
     )
+    # Dynamic-sampling rounds and DAPO overlong shaping (trainer/rollout_step.py, algorithms/overlong.py).
+    over_sampling_batch_size: int | None = opt(
+        None, "--over-sampling-batch-size",
+        help="With --dynamic-sampling: prompts generated per sampling round (slime's name); None: "
+             "--rollout-batch-size. Kept groups beyond the batch go back to the prompt stream.",
+    )
+    overlong_buffer_len: int | None = opt(
+        None, "--overlong-buffer-len",
+        help="DAPO soft overlong punishment: L, the last L tokens before --rollout-max-response-len over which the "
+             "reward falls linearly by up to --overlong-penalty-factor. None: off.",
+    )
+    overlong_penalty_factor: float = opt(
+        1.0, "--overlong-penalty-factor", help="f of the overlong punishment: the penalty at the response limit."
+    )
+    overlong_filter: bool = opt(
+        False, "--overlong-filter", action="store_true",
+        help="DAPO overlong filtering: truncated responses (finish 'length') get a zero loss mask (still in B).",
+    )
 
     def __post_init__(self) -> None:
         validate_fields(self)
         positive(AlgorithmConfig, self, "n_samples_per_prompt", "max_dynamic_sampling_rounds")
+        if self.over_sampling_batch_size is not None:
+            positive(AlgorithmConfig, self, "over_sampling_batch_size")
+        if self.overlong_buffer_len is not None:
+            positive(AlgorithmConfig, self, "overlong_buffer_len")
+        check(self.overlong_penalty_factor >= 0, AlgorithmConfig, "overlong_penalty_factor", "≥ 0",
+              self.overlong_penalty_factor)
         try:
             self.loss_config()
         except ConfigError as err:  # the same rule, under this section's flag name
@@ -98,7 +122,9 @@ class OptimizerConfig:
         None, "--global-batch-size", help="Sequences per optimizer step; None: the whole rollout batch (P·G)."
     )
     num_steps_per_rollout: int | None = opt(
-        None, "--num-steps-per-rollout", help="Optimizer steps per rollout; None: P·G / global batch."
+        None, "--num-steps-per-rollout",
+        help="Optimizer steps per rollout: the rollout's P·G sequences are split into this many mini-batches "
+             "(slime's flag; = P·G / --global-batch-size). None: P·G / --global-batch-size, or 1.",
     )
     max_tokens_per_micro_batch: int = opt(
         8192, "--max-tokens-per-micro-batch", help="Token budget of a packed micro-batch (per DP rank)."

@@ -314,6 +314,11 @@ class PromptIterator:
     Epoch e visits the records in the order ``permutation(seed, e)``, so the order depends only
     on (seed, epoch), never on how many batches were drawn or on restarts. A batch that runs past
     the end of an epoch continues with the next one.
+
+    Carried prompts (DAPO dynamic sampling): :meth:`carry` puts dataset indices drawn with
+    :meth:`next_indices` back at the front of the stream; the next draw returns them first, in the
+    order given, then continues the data order. They are part of :meth:`state_dict`, so a resumed
+    run draws the same stream, and no prompt is lost from the data order.
     """
 
     def __init__(self, dataset: Sequence[PromptRecord], batch_size: int, seed: int, shuffle: bool = True) -> None:
@@ -321,6 +326,7 @@ class PromptIterator:
             raise ValueError(f"batch_size: expected ≥ 1, got {batch_size}")
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
         self.epoch, self.position = 0, 0
+        self.carried: list[int] = []  # dataset indices to draw before the data order continues
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -328,16 +334,31 @@ class PromptIterator:
             return np.arange(len(self.dataset))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
 
-    def next_batch(self) -> list[PromptRecord]:
-        batch = []
-        while len(batch) < self.batch_size:
+    def next_indices(self, n: int | None = None) -> list[int]:
+        """The dataset indices of the next ``n`` prompts (default ``batch_size``): carried ones first."""
+        n = self.batch_size if n is None else n
+        if n < 0:
+            raise ValueError(f"n: expected ≥ 0, got {n}")
+        out, self.carried = self.carried[:n], self.carried[n:]
+        while len(out) < n:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-            take = min(self.batch_size - len(batch), len(self._order) - self.position)
-            batch.extend(self.dataset[int(i)] for i in self._order[self.position:self.position + take])
+            take = min(n - len(out), len(self._order) - self.position)
+            out.extend(int(i) for i in self._order[self.position:self.position + take])
             self.position += take
-        return batch
+        return out
+
+    def next_batch(self, n: int | None = None) -> list[PromptRecord]:
+        """The next ``n`` prompts (default ``batch_size``), carried ones first."""
+        return [self.dataset[i] for i in self.next_indices(n)]
+
+    def carry(self, indices: Sequence[int]) -> None:
+        """Return drawn prompts (dataset indices) to the front of the stream, before any carried earlier."""
+        for i in indices:
+            if not 0 <= int(i) < len(self.dataset):
+                raise ValueError(f"carry: index {i} outside 0 … {len(self.dataset) - 1}")
+        self.carried = [int(i) for i in indices] + self.carried
 
     def __iter__(self) -> PromptIterator:
         return self
@@ -345,10 +366,11 @@ class PromptIterator:
     def __next__(self) -> list[PromptRecord]:
         return self.next_batch()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.dataset)}
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.dataset),
+                "carried": list(self.carried)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("epoch", "position", "seed", "size"):
             if key not in state:
                 raise DataError(f"data iterator state: missing {key!r}")
@@ -359,7 +381,11 @@ class PromptIterator:
             )
         if not 0 <= state["position"] <= state["size"]:
             raise DataError(f"data iterator state: position {state['position']} outside 0 … {state['size']}")
+        carried = [int(i) for i in state.get("carried", [])]  # absent in checkpoints before carrying existed
+        if any(not 0 <= i < state["size"] for i in carried):
+            raise DataError(f"data iterator state: a carried prompt index outside 0 … {state['size'] - 1}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.carried = carried
         self._order = self._permutation(self.epoch)
 
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core import parallel_state as ps
 
 from luspo_megatron.algorithms.losses import LossConfig
+from luspo_megatron.algorithms.mismatch import MismatchStats, all_reduce_mismatch
 from luspo_megatron.config import OptimizerConfig, RunConfig
 from luspo_megatron.data.packing import MicroBatch
 from luspo_megatron.errors import ConfigError
@@ -60,6 +62,8 @@ class MegatronPolicy:
     transformer_config: Any = None
     reference: list | None = None
     """Frozen reference-model chunks for ``ref_logp`` (KL), built by :meth:`load_reference`."""
+    reference_offload: ReferenceOffload | None = None
+    """``--ref-offload``: moves the reference's weights to the device for each use (:class:`ReferenceOffload`)."""
 
     @classmethod
     def from_config(cls, config: RunConfig, *, total_steps: int, hf_weights: TensorSource | None = None,
@@ -100,7 +104,8 @@ class MegatronPolicy:
         return policy
 
     def train_step(self, micro_batches: list[MicroBatch], *, num_sequences: int | None = None,
-                   num_tokens: int | None = None, loss_config: LossConfig | None = None) -> dict[str, float]:
+                   num_tokens: int | None = None, loss_config: LossConfig | None = None,
+                   measure_mismatch: bool = False) -> dict[str, float]:
         """One optimizer step on this DP rank's micro-batches (see ``parallel.train.train_step``);
         the loss (unless ``loss_config`` overrides it), temperature and routing replay come from
         the run config."""
@@ -109,8 +114,15 @@ class MegatronPolicy:
         return train.train_step(
             self.model, self.optimizer, self.scheduler, micro_batches, loss_config,
             num_sequences=num_sequences, num_tokens=num_tokens, temperature=self.config.rollout.temperature,
-            routing_replay=self.config.rollout.use_rollout_routing_replay,
+            routing_replay=self.config.rollout.use_rollout_routing_replay, measure_mismatch=measure_mismatch,
         )
+
+    def all_reduce_data_parallel(self, stats: MismatchStats) -> MismatchStats:
+        """Mismatch statistics of this DP rank's micro-batches combined over the data-parallel group
+        (every rank of a replica holds the same micro-batches, so the DP group alone, without CP)."""
+        if self.layout.dp == 1:
+            return stats
+        return all_reduce_mismatch(stats, group=ps.get_data_parallel_group())
 
     def build_optimizer(self, optim: OptimizerConfig, total_steps: int) -> tuple[Any, Any]:
         """A second (optimizer, LR scheduler) over the same model, e.g. the SFT warm-up's own AdamW."""
@@ -136,15 +148,27 @@ class MegatronPolicy:
         for chunk in chunks:
             chunk.requires_grad_(False)
         self.reference = chunks
+        offload = self.config.model.ref_offload
+        if offload is None:  # --ref-offload unset: on with CUDA; on a CPU it would only copy memory to memory
+            offload = torch.cuda.is_available()
+        self.reference_offload = ReferenceOffload(chunks) if offload else None
 
     def compute_reference_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
-        """Forward-only token-aligned log-probs of the reference model (see :meth:`load_reference`)."""
+        """Forward-only token-aligned log-probs of the reference model (see :meth:`load_reference`);
+        with ``--ref-offload`` its weights are on the device for this call only."""
         if self.reference is None:
             raise RuntimeError("compute_reference_logprobs needs load_reference first")
-        return train.compute_logprobs(
-            self.reference, micro_batches, temperature=self.config.rollout.temperature,
-            routing_replay=self.config.rollout.use_rollout_routing_replay,
-        )
+        offload = self.reference_offload
+        if offload is not None:
+            offload.load()
+        try:
+            return train.compute_logprobs(
+                self.reference, micro_batches, temperature=self.config.rollout.temperature,
+                routing_replay=self.config.rollout.use_rollout_routing_replay,
+            )
+        finally:
+            if offload is not None:
+                offload.offload()
 
     def compute_logprobs(self, micro_batches: list[MicroBatch], *, with_entropy: bool = False):
         """Forward-only token-aligned log-probs (old_logp / ref_logp) on every rank."""
@@ -162,3 +186,57 @@ class MegatronPolicy:
         chunks = [unwrap_model(m) for m in self.model]
         name_map = hf_name_map(self.arch, megatron_naming(self.use_transformer_engine))
         yield from export_policy_weights(chunks, name_map, dtype=DTYPES[self.config.model.dtype])
+
+
+class ReferenceOffload:
+    """``--ref-offload``: the frozen reference model's weights live in host memory between uses.
+
+    The reference never changes, so its weights are copied to host memory once, here (pinned when CUDA
+    is present, for fast asynchronous copies); afterwards nothing is ever copied back to the host.
+    :meth:`offload` releases the device memory of every parameter storage (``storage.resize_(0)``,
+    the idiom FSDP uses to free a parameter): the parameter objects, their views and the modules stay
+    as they are, so every alias survives (the grouped experts' parameters are views of one stacked
+    buffer per layer, models/experts.py, which re-pointing ``param.data`` or ``module.to()`` would
+    break). :meth:`load` re-allocates each storage and fills it from the host copy: one host-to-device
+    copy of this rank's shard of the reference per forward pass, issued on the current stream before
+    the forward that reads it. Streaming layer by layer would save more device memory but needs hooks
+    in Megatron's schedules; the reference forward runs between training passes, when no training
+    activations are alive, so holding its whole shard for that pass is the simple choice.
+    Buffers (rotary tables, small) stay on the device.
+    """
+
+    def __init__(self, chunks: list[torch.nn.Module]) -> None:
+        storages: dict[int, torch.UntypedStorage] = {}
+        for chunk in chunks:
+            for param in chunk.parameters():
+                storage = param.untyped_storage()
+                if storage.nbytes():
+                    storages.setdefault(storage.data_ptr(), storage)  # tied / stacked parameters share one
+        pin = torch.cuda.is_available()
+        self._pairs: list[tuple[torch.UntypedStorage, torch.Tensor]] = []
+        for storage in storages.values():
+            host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pin)
+            host.copy_(self._bytes(storage))
+            self._pairs.append((storage, host))
+        self.offload()
+
+    @staticmethod
+    def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+        """A uint8 tensor over the whole storage (no copy)."""
+        return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+    @property
+    def on_device(self) -> bool:
+        return all(storage.nbytes() == host.numel() for storage, host in self._pairs)
+
+    def offload(self) -> None:
+        """Free the device memory of the reference's parameters (their values stay in the host copy)."""
+        for storage, _ in self._pairs:
+            storage.resize_(0)
+
+    def load(self) -> None:
+        """Put the reference's parameters back on the device, bit for bit as they were loaded."""
+        for storage, host in self._pairs:
+            if storage.nbytes() != host.numel():
+                storage.resize_(host.numel())
+                self._bytes(storage).copy_(host, non_blocking=host.is_pinned())

@@ -42,6 +42,7 @@ from megatron.core.utils import unwrap_model
 
 from luspo_megatron.algorithms.losses import LossConfig, policy_loss
 from luspo_megatron.algorithms.metrics import reduce_metrics
+from luspo_megatron.algorithms.mismatch import mismatch_partials, mismatch_stats
 from luspo_megatron.config import OptimizerConfig
 from luspo_megatron.data.packing import MicroBatch
 from luspo_megatron.errors import ConfigError
@@ -106,6 +107,7 @@ class _StepContext:
     routing_replay: bool
     tp_group: dist.ProcessGroup | None
     cp_group: dist.ProcessGroup | None
+    measure_mismatch: bool = False  # emit mismatch partials of (sg[logp], rollout_logp): the policy IS π_old
 
 
 def _moe_routers(chunk: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
@@ -172,6 +174,9 @@ def _loss(ctx: _StepContext, mb: LocalMicroBatch, output: torch.Tensor):
         num_sequences=ctx.num_sequences, num_tokens=ctx.num_tokens, rollout_logp=mb.rollout_logp,
         ref_logp=mb.ref_logp, entropy=lp.entropy, cp_group=ctx.cp_group,
     )
+    if ctx.measure_mismatch and mb.rollout_logp is not None:  # train–inference mismatch, summed / maxed later
+        metrics.update(mismatch_partials(mismatch_stats(lp.logp.detach(), mb.rollout_logp, mb.loss_mask,
+                                                        mb.cu_seqlens, cp_group=ctx.cp_group)))
     return loss * ctx.scale, metrics
 
 
@@ -244,6 +249,7 @@ def train_step(
     temperature: float = 1.0,
     routing_replay: bool = False,
     logprob_chunk_size: int | None = None,
+    measure_mismatch: bool = False,
 ) -> dict[str, float]:
     """One optimizer step over this DP rank's micro-batches; the same metrics on every rank.
 
@@ -251,7 +257,10 @@ def train_step(
     micro-batches of all DP ranks); computed with one all-reduce when None. Returns the
     ``policy_loss`` metrics combined with ``reduce_metrics`` over micro-batches and ranks, plus
     ``grad_norm`` (before clipping), ``lr``, ``skipped`` (1 when the gradient was not finite and
-    the update was skipped) and ``moe_aux_loss`` (Megatron's load-balancing loss, per MoE layer)."""
+    the update was skipped) and ``moe_aux_loss`` (Megatron's load-balancing loss, per MoE layer).
+    ``measure_mismatch``: the current policy is π_old (nothing updated since the rollout), so the loss
+    also emits ``algorithms.mismatch.mismatch_partials`` of (sg[logp], rollout_logp), reduced over
+    micro-batches and ranks like the other metrics (``finalize_mismatch_partials`` reads them)."""
     if num_sequences is None or num_tokens is None:
         counted = global_counts(micro_batches)
         num_sequences = counted[0] if num_sequences is None else num_sequences
@@ -262,7 +271,7 @@ def train_step(
         loss_config=loss_config, num_sequences=num_sequences, num_tokens=float(num_tokens),
         scale=float(ps.get_data_parallel_world_size() * len(local)), temperature=temperature,
         chunk_size=logprob_chunk_size, with_entropy=True, routing_replay=routing_replay,
-        tp_group=tp_group, cp_group=cp_group,
+        tp_group=tp_group, cp_group=cp_group, measure_mismatch=measure_mismatch,
     )
     for chunk in model:
         chunk.train()

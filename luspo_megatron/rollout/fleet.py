@@ -39,7 +39,7 @@ def start_fleet(config: RolloutConfig, *, hf_dir: str | Path, seed: int = 0, log
     if config.engine == "inprocess":
         from luspo_megatron.rollout.local.inprocess import InProcessEngine
 
-        with InProcessEngine(hf_dir, device=config.local_device, seed=seed,
+        with InProcessEngine(hf_dir, device=config.local_device, seed=seed, dtype=config.local_dtype,
                              return_routed_experts=routed_layout is not None, weight_sync=config.weight_sync,
                              weights_dir=weights_dir, bucket_bytes=config.update_weight_buffer_size) as engine:
             yield engine

@@ -23,15 +23,27 @@ class RolloutBatch:
     labels: list[Any]
     metrics: dict[str, float] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    """The reward function's raw score of each sample; ``rewards`` is it after overlong shaping (the same
+    without ``--overlong-buffer-len``). Dynamic sampling filters on the scores."""
+    prompt_indices: list[int] = field(default_factory=list)
+    """The dataset index (``PromptIterator``) of each group's prompt."""
 
 
 def select_groups(batch: RolloutBatch, keep: list[bool], G: int) -> RolloutBatch:
     """The groups whose ``keep`` flag is set (``keep`` has one flag per group of G samples)."""
     idx = [i for i in range(len(batch.samples)) if keep[i // G]]
+
+    def per_sample(values: list) -> list:
+        return [values[i] for i in idx] if values else []
+
+    def per_group(values: list) -> list:
+        return [v for v, k in zip(values, keep) if k]
+
     return RolloutBatch(
-        [batch.samples[i] for i in idx], [batch.rewards[i] for i in idx], [batch.advantages[i] for i in idx],
-        [batch.correct[i] for i in idx], [p for p, k in zip(batch.prompts, keep) if k],
-        [batch.labels[i] for i in idx], dict(batch.metrics), [batch.texts[i] for i in idx] if batch.texts else [],
+        per_sample(batch.samples), per_sample(batch.rewards), per_sample(batch.advantages),
+        per_sample(batch.correct), per_group(batch.prompts), per_sample(batch.labels), dict(batch.metrics),
+        per_sample(batch.texts), per_sample(batch.scores), per_group(batch.prompt_indices),
     )
 
 
@@ -46,14 +58,21 @@ def concat_batches(parts: list[RolloutBatch]) -> RolloutBatch:
         out.prompts += part.prompts
         out.labels += part.labels
         out.texts += part.texts
+        out.scores += part.scores
+        out.prompt_indices += part.prompt_indices
         for key, value in part.metrics.items():
             out.metrics[key] = out.metrics.get(key, 0.0) + value
     return out
 
 
-def mini_batches(num_sequences: int, global_batch_size: int) -> list[range]:
-    """Consecutive index ranges of ``global_batch_size`` sequences: one optimizer step each."""
-    return [range(i, min(i + global_batch_size, num_sequences)) for i in range(0, num_sequences, global_batch_size)]
+def mini_batches(num_sequences: int, num_steps: int) -> list[range]:
+    """``num_steps`` consecutive index ranges covering ``num_sequences`` (one optimizer step each), as
+    equal as possible: B/N sequences each when N divides B (a full rollout batch always does), sizes
+    differing by at most one otherwise (a short dynamic-sampling batch). Fewer ranges when there are
+    fewer sequences than steps; none for no sequence."""
+    steps = min(num_steps, num_sequences)
+    bounds = [num_sequences * k // steps for k in range(steps + 1)] if steps else [0]
+    return [range(bounds[k], bounds[k + 1]) for k in range(steps)]
 
 
 def sample_rows(batch: RolloutBatch, G: int, samples_per_step: int) -> list[dict[str, Any]]:
@@ -65,5 +84,6 @@ def sample_rows(batch: RolloutBatch, G: int, samples_per_step: int) -> list[dict
     return [{"index": i, "group": i // G, "prompt": batch.prompts[i // G], "response": batch.texts[i],
              "label": batch.labels[i], "reward": batch.rewards[i], "advantage": batch.advantages[i],
              "finish": batch.samples[i].finish, "response_len": len(batch.samples[i].response_ids),
-             "weight_version": batch.samples[i].weight_version}
+             "weight_version": batch.samples[i].weight_version,
+             **({"score": batch.scores[i]} if batch.scores else {})}
             for i in order]

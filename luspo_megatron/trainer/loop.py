@@ -37,7 +37,7 @@ from luspo_megatron.runtime.distributed import any_rank, broadcast_object, init_
 from luspo_megatron.trainer import assets as run_assets
 from luspo_megatron.trainer import resume
 from luspo_megatron.trainer.batch import RolloutBatch, sample_rows
-from luspo_megatron.trainer.policy_step import merge_step_metrics, train_on_batch
+from luspo_megatron.trainer.policy_step import OptimizerStepLog, merge_step_metrics, train_on_batch
 from luspo_megatron.trainer.timer import Timer
 from luspo_megatron.trainer.weights import sync_weights, write_hf
 
@@ -108,9 +108,8 @@ class Trainer:
 
     @property
     def optimizer_steps_per_rollout(self) -> int:
-        cfg = self.config
-        gbs = cfg.optimizer.global_batch_size or cfg.sequences_per_rollout
-        return cfg.optimizer.num_steps_per_rollout or max(1, cfg.sequences_per_rollout // gbs)
+        """N of --num-steps-per-rollout / --global-batch-size: the LR schedule spans train_iters · N steps."""
+        return self.config.optimizer_steps_per_rollout
 
     def _sft_warmup(self) -> None:
         from luspo_megatron.trainer.sft import sft_warmup
@@ -151,6 +150,7 @@ class Trainer:
         self.metrics_log = MetricsLogger(self.log_dir, resume_step=resumed_step,
                                          wandb_project=cfg.logging.wandb_project, run_config=redacted(cfg.to_dict()))
         self._stack.callback(self.metrics_log.close)
+        self.optimizer_log = OptimizerStepLog(self.log_dir, resumed_step)
         self.samples_log = SampleLogger(self.log_dir, cfg.logging.sample_interval, cfg.logging.samples_per_step)
         self.evaluator = Evaluator(cfg, self.engine, tokenizer, reward, self.assets.stop_token_ids,  # --eval-data
                                    samples_path=self.log_dir / EVAL_SAMPLES, resume_step=resumed_step)
@@ -199,10 +199,14 @@ class Trainer:
         batch: RolloutBatch = self.collect(self.step, self.timer) if self.is_rank0 else None
         with self.timer("broadcast"):
             batch = broadcast_object(batch)
-        step_metrics = train_on_batch(self.policy, batch, self.config, self.assets.pad_token_id, self.timer)
-        for metrics in step_metrics:
+        result = train_on_batch(self.policy, batch, self.config, self.assets.pad_token_id, self.timer, step=self.step)
+        for metrics in result.steps:
             self._check_finite(metrics)
-        train_metrics = merge_step_metrics(step_metrics, has_reference=self.policy.reference is not None)
+        train_metrics = merge_step_metrics(result, has_reference=self.policy.reference is not None)
+        if not result.steps and self.is_rank0:  # dynamic sampling left nothing to learn from
+            logger.warning("step %d: no training: %s; weights unchanged", self.step, _why_no_training(batch))
+        # Synced even when unchanged: after step s the engines hold version s, which is what the samples of
+        # step s + 1 are checked against (rollout/versions.py).
         with self.timer("sync"):
             self._sync_weights()
         metrics = {**batch.metrics, **train_metrics}
@@ -219,6 +223,7 @@ class Trainer:
             if self.evaluator.due(self.step):  # the engines hold this step's weights (synced above)
                 metrics.update(self.evaluator(self.step))
             self.metrics_log.log(self.step, metrics)
+            self.optimizer_log.log(self.step, result.steps)
             self.samples_log.maybe_log(self.step, sample_rows(batch, self.config.algorithm.n_samples_per_prompt,
                                                               self.config.logging.samples_per_step))
             self.progress.update(metrics)
@@ -266,3 +271,11 @@ class Trainer:
             Console().print(summary_table(rows))
             Console().print(f"metrics: {self.log_dir / 'metrics.jsonl'}   curves: {self.log_dir / 'curves.png'}")
 
+
+def _why_no_training(batch: RolloutBatch) -> str:
+    """The one-line reason an RL step has no optimizer step."""
+    m = batch.metrics
+    if not batch.samples:
+        return (f"dynamic sampling kept no group in {int(m.get('dynamic_sampling_rounds', 1))} rounds "
+                f"({int(m.get('dynamic_sampling_dropped_groups', 0))} groups dropped, all G rewards equal)")
+    return f"{len(batch.samples)} sequences cannot fill every data-parallel rank"

@@ -115,8 +115,30 @@ def test_iterator_resumes_exactly_and_reshuffles_every_epoch():
     resumed = PromptIterator(data, batch_size=4, seed=7)
     resumed.load_state_dict(state)
     assert head + [resumed.next_batch() for _ in range(5)] == uninterrupted
-    assert state == {"epoch": 1, "position": 2, "seed": 7, "size": 10}
+    assert state == {"epoch": 1, "position": 2, "seed": 7, "size": 10, "carried": []}
     assert PromptIterator(data, 4, seed=8).next_batch() != uninterrupted[0]
+
+
+def test_carried_prompts_come_back_first_in_order_and_survive_a_checkpoint():
+    data = list(range(10))
+    plain = PromptIterator(data, batch_size=4, seed=7).next_indices(12)
+    it = PromptIterator(data, batch_size=4, seed=7)
+    first = it.next_indices(6)
+    it.carry(first[4:])  # drawn, not used: back to the front
+    it.carry(first[3:4])  # carried later, drawn first
+    state = json.loads(json.dumps(it.state_dict()))
+    assert state["carried"] == [first[3], first[4], first[5]]
+    resumed = PromptIterator(data, batch_size=4, seed=7)
+    resumed.load_state_dict(state)
+    for iterator in (it, resumed):
+        assert iterator.next_indices(2) == [first[3], first[4]]
+        assert iterator.next_indices(3) == [first[5], *plain[6:8]]  # then the data order goes on
+        assert iterator.next_batch() == [data[i] for i in plain[8:12]]
+    with pytest.raises(DataError, match="carried prompt index outside 0 … 9"):
+        resumed.load_state_dict({**state, "carried": [10]})
+    old = {k: v for k, v in state.items() if k != "carried"}  # a checkpoint from before carrying
+    resumed.load_state_dict(old)
+    assert resumed.carried == [] and resumed.next_indices(1) == [plain[6]]
 
 
 def test_iterator_state_from_another_dataset_or_seed_is_refused():

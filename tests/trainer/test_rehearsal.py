@@ -269,7 +269,8 @@ def check_rehearsal(result: dict, tmp: Path, weight_sync: str = "distributed") -
     metrics = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics] == list(range(1, STEPS + 1))
     for r in metrics:  # 4 optimizer steps per rollout, TIS weights, dynamic sampling, no stale sample
-        assert r["optimizer_steps"] == 4 and r["num_seqs"] == P * G // 4 and r["tis_num_terms"] > 0, r
+        # num_seqs adds up over the rollout's optimizer steps (trainer/policy_step.py::merge_step_metrics)
+        assert r["optimizer_steps"] == 4 and r["num_seqs"] == P * G and r["tis_num_terms"] > 0, r
         assert r["num_groups"] == P and "dynamic_sampling_dropped_groups" in r and r["stale_samples"] == 0, r
     # Every sample carries the version pushed before its step: none at step 1 (the servers' "default").
     samples = [json.loads(line) for line in (log_dir / "samples.jsonl").read_text().splitlines()]

@@ -38,6 +38,8 @@ TINY = [
     # Megatron's MoE load-balancing loss is computed per micro-batch and DP rank, so it legitimately
     # changes with the layout; without it the layouts must agree to float32 precision.
     "--moe-aux-loss-coeff", "0",
+    # On-policy (the closed forms below): one optimizer step per rollout, where the default has two.
+    "--num-steps-per-rollout", "1",
 ]
 
 
