@@ -243,8 +243,12 @@ def model_case(work: Path, layouts: list[str]) -> dict:
         grp_params = dict(chunks[True][0].named_parameters())
         same_params = sorted(seq_params) == sorted(grp_params) and all(
             torch.equal(seq_params[n], grp_params[n]) for n in seq_params)
-        exports = [{k: v.clone() for k, v in export_policy_weights(chunks[g], hf_name_map(arch))}
-                   for g in (False, True)]
+        exports = []
+        for g in (False, True):  # each rank exports what it owns: the union over ranks is the model
+            shares = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(
+                shares, {k: v.clone() for k, v in export_policy_weights(chunks[g], hf_name_map(arch))})
+            exports.append({k: v for share in shares for k, v in share.items()})
         seqs = sequences(arch.vocab_size)
         logits = [megatron_logits(chunks[g][0], seqs) for g in (False, True)]
         save_dir, back_dir = work / f"ckpt_{layout}", work / f"back_{layout}"
