@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from luspo_megatron.config.fields import check, opt, positive
+from luspo_megatron.errors import ConfigError
 
 
 # ------------------------------------------------------------------------------------------- rollout
@@ -50,6 +51,24 @@ class RolloutConfig:
         600.0, "--rollout-startup-timeout", help="Seconds to wait for every server's /health_generate at start."
     )
     local_device: str = opt("cpu", "--rollout-device", help="Device of the local rollout server: cpu or cuda[:N].")
+    # ---- asynchronous rollout (issue 17; trainer/async_rollout.py, docs/async.md) ----
+    async_rollout: bool = opt(
+        False, "--async-rollout", action="store_true",
+        help="Generate and score step n+1's samples while step n trains (one step off-policy; engines with "
+             "their own process only: local, sglang).",
+    )
+    async_correction: str = opt(
+        "bypass", "--async-correction", choices=("bypass", "recompute"),
+        help="With --async-rollout, the PPO anchor of the stale samples: bypass = the rollout log-probs "
+             "(as --use-rollout-logprobs, no extra forward); recompute = recomputed old log-probs, corrected "
+             "toward the rollout policy by --use-tis / --tis-level / --tis-mode.",
+    )
+    # Shared with issue 13's per-sample check (helper `fleet` adds the same field; the lead keeps one).
+    max_weight_staleness: int | None = opt(
+        None, "--max-weight-staleness",
+        help="Most policy versions a training sample may lag behind the policy it trains; None: 0, or 1 with "
+             "--async-rollout.",
+    )
 
     def __post_init__(self) -> None:
         positive(RolloutConfig, self, "num_engines", "rollout_batch_size", "max_response_len", "max_concurrency")
@@ -77,3 +96,16 @@ class RolloutConfig:
         if self.engine == "inprocess":
             check(self.weight_sync in ("disk", "tensor"), RolloutConfig, "weight_sync",
                    "disk or tensor for the inprocess engine", self.weight_sync)
+        # ---- asynchronous rollout ----
+        check(self.async_correction in ("bypass", "recompute"), RolloutConfig, "async_correction",
+              "bypass or recompute", self.async_correction)
+        if self.max_weight_staleness is not None:
+            check(isinstance(self.max_weight_staleness, int) and self.max_weight_staleness >= (1 if self.async_rollout
+                  else 0), RolloutConfig, "max_weight_staleness", "≥ 1 with --async-rollout (≥ 0 without)",
+                  self.max_weight_staleness)
+        if self.async_rollout and self.engine == "inprocess":
+            raise ConfigError("--async-rollout: expected a rollout engine in its own process (--rollout-engine local "
+                              "or sglang), got inprocess (it shares the trainer's interpreter)", field="async_rollout")
+        if self.async_rollout and self.async_correction == "recompute":
+            check(not self.use_rollout_logprobs, RolloutConfig, "async_correction",
+                  "bypass (not recompute) together with --use-rollout-logprobs", self.async_correction)
