@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.test_train_luspo import G, P, ROOT, TINY, _env, _processes_mentioning, expected_loss, rows, train
+from tests.trainer.test_train_luspo import ROOT, TINY, G, P, _env, _processes_mentioning, expected_loss, rows, train
 
 TINY_LR = ["--lr", "1e-50", "--lr-warmup-iters", "0"]  # > 0 as --lr demands; every update underflows to 0
 STEPS = 4
