@@ -7,6 +7,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from luspo_megatron.config.fields import check, opt, positive, seconds, validate_fields
+from luspo_megatron.errors import ConfigError
 
 DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 TOP_K_MAX = 2**30  # what our server (and sglang's int32 sampling kernels) accept
@@ -77,17 +78,29 @@ class RolloutConfig:
         600.0, "--rollout-startup-timeout", help="Seconds to wait for every server's /health_generate at start."
     )
     local_device: str = opt("cpu", "--rollout-device", help="Device of the local rollout server: cpu or cuda[:N].")
-    # The fleet (issue 13): how old a sample's weights may be (rollout/versions.py).
-    max_weight_staleness: int = opt(
-        0, "--max-weight-staleness",
-        help="Accept samples drawn by weights up to N versions older than the last push (counted as stale_samples "
-             "in metrics.jsonl); an older, newer or unknown weight_version stops the run. 0: every sample must "
-             "come from the weights pushed last.",
-    )
     local_dtype: str = opt(
         "float32", "--rollout-dtype", choices=("float32", "bfloat16", "float16"),
         help="Weight dtype of the engine we run in-process (--rollout-engine inprocess), e.g. bfloat16 against an "
              "fp32 trainer to see train–inference mismatch. SGLang servers take their own --dtype.",
+    )
+    # ---- asynchronous rollout (issue 17; trainer/async_rollout.py, docs/async.md) ----
+    async_rollout: bool = opt(
+        False, "--async-rollout", action="store_true",
+        help="Generate and score step n+1's samples while step n trains (one step off-policy; engines with "
+             "their own process only: local, sglang).",
+    )
+    async_correction: str = opt(
+        "bypass", "--async-correction", choices=("bypass", "recompute"),
+        help="With --async-rollout, the PPO anchor of the stale samples: bypass = the rollout log-probs "
+             "(as --use-rollout-logprobs, no extra forward); recompute = recomputed old log-probs, corrected "
+             "toward the rollout policy by --use-tis / --tis-level / --tis-mode.",
+    )
+    # How old a sample's weights may be (rollout/versions.py checks every sample): see weight_staleness_bound.
+    max_weight_staleness: int | None = opt(
+        None, "--max-weight-staleness",
+        help="Accept samples drawn by weights up to N versions older than the last push (counted as stale_samples "
+             "in metrics.jsonl); an older, newer or unknown weight_version stops the run. Default 0 (every sample "
+             "from the weights pushed last), or 1 with --async-rollout.",
     )
 
     def __post_init__(self) -> None:
@@ -107,7 +120,6 @@ class RolloutConfig:
         check(self.local_dtype == "float32" or self.engine == "inprocess", RolloutConfig, "local_dtype",
               "float32 unless --rollout-engine inprocess (the local servers start in float32)", self.local_dtype)
         check(self.max_retries >= 0, RolloutConfig, "max_retries", "≥ 0", self.max_retries)
-        check(self.max_weight_staleness >= 0, RolloutConfig, "max_weight_staleness", "≥ 0", self.max_weight_staleness)
         check(self.temperature > 0, RolloutConfig, "temperature", "> 0", self.temperature)
         check(0 < self.top_p <= 1, RolloutConfig, "top_p", "a float in (0, 1]", self.top_p)
         check(self.top_k == -1 or 1 <= self.top_k <= TOP_K_MAX, RolloutConfig, "top_k", "-1 or in [1, 2**30]",
@@ -130,3 +142,24 @@ class RolloutConfig:
         if self.engine == "inprocess":
             check(self.weight_sync in ("disk", "tensor"), RolloutConfig, "weight_sync",
                    "disk or tensor for the inprocess engine", self.weight_sync)
+        # ---- asynchronous rollout ----
+        check(self.async_correction in ("bypass", "recompute"), RolloutConfig, "async_correction",
+              "bypass or recompute", self.async_correction)
+        if self.max_weight_staleness is not None:
+            check(isinstance(self.max_weight_staleness, int) and self.max_weight_staleness >= (1 if self.async_rollout
+                  else 0), RolloutConfig, "max_weight_staleness", "≥ 1 with --async-rollout (≥ 0 without)",
+                  self.max_weight_staleness)
+        if self.async_rollout and self.engine == "inprocess":
+            raise ConfigError("--async-rollout: expected a rollout engine in its own process (--rollout-engine local "
+                              "or sglang), got inprocess (it shares the trainer's interpreter)", field="async_rollout")
+        if self.async_rollout and self.async_correction == "recompute":
+            check(not self.use_rollout_logprobs, RolloutConfig, "async_correction",
+                  "bypass (not recompute) together with --use-rollout-logprobs", self.async_correction)
+
+    @property
+    def weight_staleness_bound(self) -> int:
+        """``--max-weight-staleness``: 0 by default, 1 with ``--async-rollout`` (its samples are drawn by the
+        weights one version behind the policy they train)."""
+        if self.max_weight_staleness is not None:
+            return self.max_weight_staleness
+        return 1 if self.async_rollout else 0

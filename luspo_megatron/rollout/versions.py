@@ -4,7 +4,8 @@ Versions are the trainer's RL step numbers as strings: after step s it pushes ``
 (``trainer/weights.py``), a resumed run first pushes the step it resumed at, and an SFT warm-up or
 ``--pretrained-checkpoint`` pushes "0". A server starts on ``"default"``: the run's assets, that is
 version 0. So the samples of RL step s were drawn by version s − 1, and one that is older is
-stale: ``--max-weight-staleness N`` (default 0) tolerates up to N versions, counted in the step's
+stale: ``--max-weight-staleness N`` (default 0; 1 with ``--async-rollout``, whose samples of step s
+are drawn by version s − 2 while step s − 1 trains) tolerates up to N versions, counted in the step's
 ``stale_samples`` metric; anything older, newer or unknown is an error. A stale sample means an
 engine missed a weight sync (a worker that joined the router unseen, a restart that reloaded old
 weights); a newer one, that the servers hold weights this run did not push (a previous run's).
@@ -53,3 +54,13 @@ def check_weight_versions(samples: Iterable, step: int, max_staleness: int = 0) 
             f"({pushed}): an engine missed a weight sync (a worker added to the router unseen, a server restarted "
             "on old weights)")
     return sum(found[v] for v, lag in lags.items() if lag > 0)
+
+
+def staleness_metrics(samples: Iterable, step: int) -> dict[str, float]:
+    """How far behind the samples of RL step ``step`` are (in versions, against ``step − 1``), for
+    ``metrics.jsonl``; :func:`check_weight_versions` has already bounded it."""
+    versions = [version_number(str(s.weight_version)) for s in samples]
+    lags = [step - 1 - v for v in versions]
+    return {"weight_staleness_max": float(max(lags, default=0)),
+            "weight_staleness_mean": float(sum(lags) / len(lags)) if lags else 0.0,
+            "weight_version_min": float(min(versions, default=step - 1))}

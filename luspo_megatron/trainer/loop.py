@@ -12,6 +12,9 @@ One RL step:
 8   bookkeeping    metrics, samples, held-out evaluation when due (``evaluate.py``: step 0, every
                    ``--eval-interval`` steps, the last), checkpoint (``resume.py``), progress bar.
 
+With ``--async-rollout`` rank 0 draws step n+1's batch on a background thread while step n trains
+(``async_rollout.py``: one generation in flight, the sync waits for it, staleness ≤ 1 version).
+
 Robustness: a non-finite gradient skips its optimizer step (three in a row stop the run with a
 checkpoint); SIGTERM / SIGINT finish the current step, save and exit; a local rollout server that
 dies is restarted by a supervisor while the client retries the requests it lost.
@@ -35,7 +38,7 @@ from luspo_megatron.config.loader import redacted
 from luspo_megatron.errors import UserError
 from luspo_megatron.runtime.distributed import any_rank, broadcast_object, init_process_group
 from luspo_megatron.trainer import assets as run_assets
-from luspo_megatron.trainer import resume
+from luspo_megatron.trainer import async_rollout, resume
 from luspo_megatron.trainer.batch import RolloutBatch, sample_rows
 from luspo_megatron.trainer.policy_step import OptimizerStepLog, merge_step_metrics, train_on_batch
 from luspo_megatron.trainer.timer import Timer
@@ -55,7 +58,7 @@ class Trainer:
     """Build everything from a :class:`RunConfig`, then :meth:`run` the RL loop."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.config = config
+        self.config = config = async_rollout.effective_config(config)  # --async-correction bypass
         self.log_dir = Path(config.logging.log_dir)
         self.timer = Timer()
         self.stop_requested = False
@@ -64,6 +67,7 @@ class Trainer:
         self._saved_step = -1
         self._stack = contextlib.ExitStack()
         self.engine = None  # rank 0 only
+        self.async_rollout: async_rollout.AsyncRollout | None = None  # rank 0 with --async-rollout
 
     # ---------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -146,6 +150,9 @@ class Trainer:
         self.engine = self._stack.enter_context(start_fleet(
             cfg.rollout, hf_dir=self.assets.hf_dir, seed=cfg.seed, log_dir=self.log_dir, routed_layout=routed))
         self.collect = RolloutStep(cfg, self.engine, tokenizer, reward, self.prompts, self.assets.stop_token_ids)
+        if cfg.rollout.async_rollout:  # step n+1 is generated while step n trains (closed before the engines)
+            self.async_rollout = self._stack.enter_context(async_rollout.AsyncRollout(
+                self.collect, self.prompts, last_step=cfg.train_iters))
         resumed_step = self.step if self.resume_state.resumed else 0
         self.metrics_log = MetricsLogger(self.log_dir, resume_step=resumed_step,
                                          wandb_project=cfg.logging.wandb_project, run_config=redacted(cfg.to_dict()))
@@ -196,7 +203,11 @@ class Trainer:
         """One RL step (the module docstring's 1–8); returns its metrics on every rank."""
         self.timer = Timer()
         start = time.perf_counter()
-        batch: RolloutBatch = self.collect(self.step, self.timer) if self.is_rank0 else None
+        staleness: dict[str, float] = {}
+        if self.async_rollout is not None:  # drawn ahead on the generation thread (rank 0 only)
+            batch, staleness = self.async_rollout.take(self.step, self.timer)
+        else:
+            batch: RolloutBatch = self.collect(self.step, self.timer) if self.is_rank0 else None
         with self.timer("broadcast"):
             batch = broadcast_object(batch)
         result = train_on_batch(self.policy, batch, self.config, self.assets.pad_token_id, self.timer, step=self.step)
@@ -205,14 +216,19 @@ class Trainer:
         train_metrics = merge_step_metrics(result, has_reference=self.policy.reference is not None)
         if not result.steps and self.is_rank0:  # dynamic sampling left nothing to learn from
             logger.warning("step %d: no training: %s; weights unchanged", self.step, _why_no_training(batch))
+        if self.async_rollout is not None:
+            self.async_rollout.wait_idle()  # the engines finish G(step+1) before they take new weights
         # Synced even when unchanged: after step s the engines hold version s, which is what the samples of
         # step s + 1 are checked against (rollout/versions.py).
         with self.timer("sync"):
             self._sync_weights()
-        metrics = {**batch.metrics, **train_metrics}
+        metrics = {**batch.metrics, **train_metrics, **staleness}
         seconds = self.timer.seconds
         metrics.update({f"time_{k}_s": v for k, v in seconds.items()})
-        metrics["time_step_s"] = time.perf_counter() - start
+        end = time.perf_counter()
+        metrics["time_step_s"] = end - start
+        if self.async_rollout is not None:
+            metrics.update(self.async_rollout.step_metrics(start, end))
         response_tokens = sum(len(s.response_ids) for s in batch.samples)
         all_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch.samples)
         metrics["rollout_tokens_per_s"] = response_tokens / max(seconds.get("rollout", 0.0), 1e-9)
@@ -222,6 +238,8 @@ class Trainer:
             metrics.update(self.engine.metrics())
             if self.evaluator.due(self.step):  # the engines hold this step's weights (synced above)
                 metrics.update(self.evaluator(self.step))
+            if self.async_rollout is not None and not self.stop_requested:
+                self.async_rollout.submit(self.step + 2)  # on this step's weights, while step+1 trains
             self.metrics_log.log(self.step, metrics)
             self.optimizer_log.log(self.step, result.steps)
             self.samples_log.maybe_log(self.step, sample_rows(batch, self.config.algorithm.n_samples_per_prompt,
@@ -237,7 +255,9 @@ class Trainer:
     def _save(self) -> None:
         if not self.config.checkpoint.save:
             return
-        data_state = self.prompts.state_dict() if self.is_rank0 else None
+        data_state = None
+        if self.is_rank0:  # async: from before the draws not trained on yet, so a resume redraws them
+            data_state = self.async_rollout.data_state() if self.async_rollout else self.prompts.state_dict()
         resume.save(self.config, self.step, self.policy, data_state=data_state, assets=self.assets,
                     start_hf_dir=self.start_hf_dir)
         self._saved_step = self.step

@@ -152,6 +152,6 @@ class RolloutStep:
         adv = group_advantages(rewards, G, std_normalize=cfg.algorithm.std_normalize)
         correct = [score > 0 for score in result.terms.get("math", result.rewards)]
         metrics = {"reward_timeouts": float(result.stats.timeouts), "reward_errors": float(result.stats.errors)}
-        metrics["stale_samples"] = float(check_weight_versions(samples, step, cfg.rollout.max_weight_staleness))
+        metrics["stale_samples"] = float(check_weight_versions(samples, step, cfg.rollout.weight_staleness_bound))
         return RolloutBatch(samples, rewards.tolist(), adv.tolist(), correct, [r.prompt for r in records],
                             labels, metrics, texts, scores.tolist(), list(indices))

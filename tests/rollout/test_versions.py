@@ -53,6 +53,7 @@ def test_max_weight_staleness_is_a_count_of_versions():
     from luspo_megatron.config import RolloutConfig
     from luspo_megatron.errors import ConfigError
 
-    assert RolloutConfig().max_weight_staleness == 0 and RolloutConfig(max_weight_staleness=2).max_weight_staleness == 2
-    with pytest.raises(ConfigError, match="--max-weight-staleness: expected ≥ 0, got -1"):
+    assert RolloutConfig().weight_staleness_bound == 0
+    assert RolloutConfig(max_weight_staleness=2).weight_staleness_bound == 2
+    with pytest.raises(ConfigError, match=r"--max-weight-staleness: expected ≥ 1 with --async-rollout \(≥ 0 without"):
         RolloutConfig(max_weight_staleness=-1)
