@@ -16,14 +16,13 @@ parent directory) so a power loss cannot reorder them. Pure Python: no torch, no
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from luspo_megatron.errors import CheckpointError
-from luspo_megatron.runtime.durable import fsync_path, replace_dir
+from luspo_megatron.runtime.durable import replace_dir, write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +45,7 @@ commit_dir = replace_dir
 
 
 def write_latest(root: Path, step: int) -> None:
-    tmp = root / (LATEST + TMP_SUFFIX)
-    with open(tmp, "w") as file:
-        file.write(f"{step}\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, root / LATEST)
-    fsync_path(root)
+    write_file_atomic(root / LATEST, f"{step}\n")
 
 
 def complete_steps(root: Path) -> list[int]:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from luspo_megatron.runtime.durable import fsync_path
+from luspo_megatron.runtime.durable import fsync_path, write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -227,14 +227,8 @@ def record_verified(root: Path, checkpoint_dir: Path, step: int) -> None:
     fingerprint = _fingerprint(checkpoint_dir)
     if fingerprint is None:
         return
-    tmp = root / (VERIFIED + ".tmp")
     try:
-        with open(tmp, "w") as out:
-            out.write(f"{step} {fingerprint}\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, root / VERIFIED)
-        fsync_path(root)
+        write_file_atomic(root / VERIFIED, f"{step} {fingerprint}\n")
     except OSError as err:
         logger.info("could not record the verified checkpoint in %s: %s", root, err)
 

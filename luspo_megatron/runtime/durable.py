@@ -23,6 +23,18 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never part of it: a temporary
+    sibling (``<name>.tmp``), fsync-ed, renamed onto ``path``, then the directory fsync-ed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Rename a finished ``tmp`` directory to ``final``, replacing an existing ``final`` (moved
     aside first, deleted after), so that at every instant ``final`` is either the old or the new
