@@ -717,8 +717,8 @@ def _markdown(args, command: str, machine: str, date: str, results, check, best,
         f"Command: `{command}`  ",
         f"Machine: {machine}.  ",
         f"Date: {date}. The whole script took {took_s:.0f} s; 1-min load average at the end {load_end:.2f}. "
-        "**The machine was shared with other engineers' jobs while this ran** (the load averages say how much): "
-        "the step times move by tens of percent between runs, which is why every row is run "
+        "Other jobs may share the machine (the load averages say how much; the benchmark itself keeps "
+        "it near 1–2): step times can move by tens of percent between runs, which is why every row is run "
         f"{repeats} times, interleaved, and reported by its median.",
         "",
         f"Setting: {args.steps} RL steps, P = {args.prompts} prompts × G = {args.group} samples, max response "
