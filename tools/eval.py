@@ -76,19 +76,17 @@ def checkpoint_to_hf(load: str, ckpt_step: int | None, out: Path, hf_dir: Path) 
 
 def check_inputs(config: Any) -> None:
     """The cheap checks, before any heavy import: the export and the engines take minutes on a large model."""
-    from luspo_megatron.errors import ConfigError, DataError
+    from luspo_megatron.config.paths import existing_dir, validate_paths
+    from luspo_megatron.errors import ConfigError
 
     if not config.eval.eval_data:
         raise ConfigError("--eval-data: expected at least one NAME=PATH to evaluate on", field="eval_data")
     if not (config.checkpoint.load or config.model.hf_checkpoint):
         raise ConfigError("--load / --hf-checkpoint: expected the checkpoint or model directory to evaluate",
                           field="load")
-    for flag, path in (("--load", config.checkpoint.load), ("--hf-checkpoint", config.model.hf_checkpoint)):
-        if path and not Path(path).is_dir():
-            raise ConfigError(f"{flag}: no such directory {path!r}", field=flag.lstrip("-").replace("-", "_"))
-    for name, path in config.eval.datasets:
-        if not Path(path).is_file():
-            raise DataError(f"--eval-data: {name}: no such file {path!r}", field="eval_data")
+    if config.checkpoint.load:  # the trainer may start without it (--load-if-exists); we evaluate it
+        existing_dir("--load", config.checkpoint.load)
+    validate_paths(config)  # the same checks as the trainer's: the HF directory, the eval files, the log dir
 
 
 def evaluate(config: Any, out: Path | None) -> tuple[dict[str, float], str, int]:
