@@ -5,11 +5,9 @@ load it into the Megatron GPTModel through models.hf_map, run one packed (THD) m
 of three sequences through both, and save the largest absolute logit difference.
 """
 
-import argparse
-
 import torch
 
-from luspo_megatron.runtime import cpu_compat
+from tests.models.single_process import packed_params, start
 
 CASES = {
     "qwen3_moe_real_vocab": ("tiny_qwen3_moe", {"vocab_size": 151936}),
@@ -24,14 +22,7 @@ CASES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    cpu_compat.apply()
-    torch.distributed.init_process_group("gloo")
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.packed_seq_params import PackedSeqParams
-
+    args = start()
     from luspo_megatron.models import PRESETS, arch_from_hf
     from luspo_megatron.models.build import build_model
     from luspo_megatron.models.hf_map import hf_live_to_disk
@@ -39,8 +30,6 @@ def main() -> None:
     from luspo_megatron.models.weights import load_hf_weights
     from tests.hf_models import build_hf_model
 
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
     results = {}
     for name, (preset, overrides) in CASES.items():
         config = PRESETS[preset](**overrides)
@@ -52,9 +41,7 @@ def main() -> None:
         gen = torch.Generator().manual_seed(2)
         lengths = [7, 12, 5]
         seqs = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in lengths]
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                                 cu_seqlens_kv_padded=cu, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+        packed = packed_params(lengths)
         with torch.no_grad():
             ours = model(torch.cat(seqs)[None], None, None, packed_seq_params=packed)[0]
             theirs = torch.cat([hf_model(input_ids=s[None]).logits[0] for s in seqs])

@@ -8,11 +8,9 @@ experts, the largest gradient, and how often core attention ran without and with
 the comparison is not vacuous: recompute did happen).
 """
 
-import argparse
-
 import torch
 
-from luspo_megatron.runtime import cpu_compat
+from tests.models.single_process import packed_params, start
 
 SETTINGS = {
     "selective": {"recompute_granularity": "selective"},
@@ -23,14 +21,7 @@ SETTINGS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    cpu_compat.apply()
-    torch.distributed.init_process_group("gloo")
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.packed_seq_params import PackedSeqParams
-
+    args = start()
     from luspo_megatron.models import arch_from_hf, tiny_qwen3_moe
     from luspo_megatron.models.build import build_model
     from luspo_megatron.models.hf_map import hf_live_to_disk
@@ -38,8 +29,6 @@ def main() -> None:
     from luspo_megatron.models.weights import load_hf_weights
     from tests.hf_models import build_hf_model
 
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
     hf_config = tiny_qwen3_moe(vocab_size=128)
     arch = arch_from_hf(hf_config)
     weights = hf_live_to_disk(build_hf_model(hf_config, seed=3).state_dict(), arch.tie_word_embeddings)
@@ -47,9 +36,7 @@ def main() -> None:
     lengths = [9, 14, 5]
     tokens = torch.randint(0, arch.vocab_size, (1, sum(lengths)), generator=gen)
     upstream = torch.randn(1, sum(lengths), arch.vocab_size, generator=gen)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                             cu_seqlens_kv_padded=cu, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    packed = packed_params(lengths)
 
     def run(grouped: bool, flags: dict):
         config = transformer_config(arch, moe_grouped_gemm=grouped, **flags)
