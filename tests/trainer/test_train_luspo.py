@@ -217,8 +217,11 @@ def test_grpo_run_token_mean_loss_equals_its_closed_form(tmp_path):
 @pytest.mark.parametrize("layout", [["--ep", "2"], ["--pp", "2"]], ids=["ep2", "pp2"])
 def test_two_process_expert_and_pipeline_parallel_runs_match_the_single_process_run(luspo_run, tmp_path, layout):
     train(tmp_path, "--train-iters", "3", "--loss", "luspo", *layout, nproc=2)
+    check_on_policy_losses(tmp_path, "luspo")  # each run against the closed form, as the one-process run
     for a, b in zip(rows(luspo_run)[:3], rows(tmp_path)):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        # abs: an on-policy LUSPO loss is a float32 sum of B terms |y_i|·Â_i of order 10 that cancel to
+        # ≈ 0; summed in another order (experts on two ranks) it moves by ~1e-7 (the closed-form check's 1e-6).
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
