@@ -136,6 +136,9 @@ def test_resume_from_a_checkpoint_continues_metrics_and_data_order_exactly(luspo
             assert new[key] == old[key], (new["step"], key, new[key], old[key])
 
 
+# Slow since the rehearsal (test_rehearsal.py: torchrun --tp 2, checked against its checkpoints) and
+# tests/parallel/test_invariance.py[tp2] (the step against one process) cover it in make test.
+@pytest.mark.slow
 def test_two_process_tensor_parallel_run_matches_the_single_process_run(luspo_run, tmp_path):
     log_dir = tmp_path / "tp2"
     train(log_dir, "--train-iters", "3", "--loss", "luspo", "--tp", "2", nproc=2)
