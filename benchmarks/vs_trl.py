@@ -665,6 +665,12 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "—" if value != value else f"{value:.{digits}f}"  # NaN (not measured) → —
 
 
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: header, rule, one line per row."""
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def _table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for name, r in results.items():
@@ -739,10 +745,8 @@ def _markdown(args, command: str, machine: str, date: str, results, check, best,
         "the run's tree; peak tree PSS = the peak of Σ PSS over all live processes of the run, sampled every "
         "0.2 s. process wall = the whole subprocess, start-up included.",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "---|" * len(HEADERS),
+        *_markdown_table(HEADERS, _table_rows(results)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in _table_rows(results)]
     async_line = ""
     if per_repeat:
         async_line = (f" The async row against the best TRL of the same repeat: "
@@ -760,10 +764,8 @@ def _markdown(args, command: str, machine: str, date: str, results, check, best,
         "waiting for samples or for the engines to finish before a sync; `time_engine_idle_s`: seconds with no "
         "generation in flight). On a 2-core machine a step cannot take less than its CPU-seconds / 2.",
         "",
-        "| " + " | ".join(PROFILE_HEADERS) + " |",
-        "|" + "---|" * len(PROFILE_HEADERS),
+        *_markdown_table(PROFILE_HEADERS, _profile_rows(results)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in _profile_rows(results)]
     lines += _where_time_goes(results, best, ratios, floor)
     lines += [
         "",
